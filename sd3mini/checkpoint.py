@@ -1,0 +1,159 @@
+"""Reading and writing checkpoint files: safetensors only, one tensor at a time.
+
+``open_state_dict(path)`` reads only the header: it returns ``{key: LazyTensor}``, where each
+LazyTensor knows its shape and dtype and reads its data when ``load()`` is called. Loaders build
+the model on the meta device and fill it tensor by tensor, so the host never holds two copies.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointError(ValueError):
+    """A file that is not what the caller asked for; the message says what it looks like instead."""
+
+
+class LazyTensor:
+    """A tensor not read yet: ``shape`` and ``dtype`` are known, ``load()`` reads (or computes) it."""
+
+    def __init__(self, shape, dtype, load):
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self._load = load
+
+    def load(self) -> torch.Tensor:
+        return self._load()
+
+    def __repr__(self):
+        return f"LazyTensor(shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+def materialize(t) -> torch.Tensor:
+    return t.load() if isinstance(t, LazyTensor) else t
+
+
+def read_header(path) -> dict:
+    """The JSON header of a safetensors file, after checking that the file is one and is complete."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise CheckpointError(
+                f"{path} is a PyTorch pickle (.ckpt/.pt/.bin), not safetensors. sd3mini reads only .safetensors "
+                "files, because unpickling can run arbitrary code. Download the .safetensors version of the model.")
+        if head[:4] == b"GGUF":
+            raise CheckpointError(f"{path} is a GGUF (quantized) file; sd3mini reads only .safetensors files.")
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 1 or n > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path} is not a safetensors file ({size} bytes; no valid header).")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is not a safetensors file (unreadable header: {e}).") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < 8 + n + end:
+        raise CheckpointError(
+            f"{path} is truncated: it has {size:,} bytes but its header describes {8 + n + end:,}. "
+            "The download was probably interrupted; delete the file and download it again.")
+    return header
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    """A file, or the safetensors weights in a folder (sharded via *.index.json, or a single file)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    indexes = [p for p in indexes if ".fp16." not in p.name] or indexes
+    if indexes:
+        shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    plain = [p for p in files if p.name.count(".") == 1]          # prefer "model.safetensors" to variants
+    if plain or files:
+        return (plain or files)[:1]
+    if any(path.glob("*.bin")) or any(path.glob("*.ckpt")) or any(path.glob("*.pt")):
+        raise CheckpointError(f"{path} holds only PyTorch pickles; sd3mini reads only .safetensors files.")
+    raise CheckpointError(f"no .safetensors file in {path}")
+
+
+def open_state_dict(path) -> dict[str, LazyTensor]:
+    """``{key: LazyTensor}`` for a safetensors file or a folder of them; reads headers only."""
+    sd = {}
+    for file in _safetensors_files(Path(path)):
+        header = read_header(file)
+        handle = safe_open(str(file), framework="pt", device="cpu")
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _DTYPES.get(info["dtype"], info["dtype"])
+            sd[key] = LazyTensor(info["shape"], dtype, lambda h=handle, k=key: h.get_tensor(k))
+    return sd
+
+
+def file_metadata(path) -> dict:
+    return read_header(path).get("__metadata__", {}) or {}
+
+
+def state_dict_of(src) -> dict:
+    """A path (file or folder) -> lazy state dict; a dict is returned as it is."""
+    if isinstance(src, (str, os.PathLike)):
+        return open_state_dict(src)
+    if isinstance(src, dict):
+        return src
+    raise TypeError(f"expected a path or a state dict, got {type(src).__name__}")
+
+
+def describe_checkpoint(keys) -> str:
+    """A short guess of what a set of keys is, for error messages."""
+    keys = list(keys)
+    has = lambda pattern: any(re.match(pattern, k) for k in keys)  # noqa: E731
+    parts = []
+    if has(r"model\.diffusion_model\.joint_blocks\."):
+        parts.append("an SD3 MMDiT under 'model.diffusion_model.'")
+    elif has(r"joint_blocks\."):
+        parts.append("an SD3 MMDiT without prefix")
+    elif has(r"(model\.diffusion_model\.)?double_blocks\."):
+        parts.append("a FLUX transformer ('double_blocks.*'), not SD3")
+    elif has(r"transformer_blocks\.\d+\.attn\.add_q_proj") and has(r"pos_embed\.proj"):
+        parts.append("a diffusers SD3Transformer2DModel (the 'transformer/' folder of a diffusers repo)")
+    elif has(r"model\.diffusion_model\.input_blocks\.") or has(r"input_blocks\.\d+\."):
+        sdxl = has(r"conditioner\.embedders\.1\.") or has(r"(model\.diffusion_model\.)?label_emb\.")
+        parts.append("an SDXL UNet ('input_blocks.*'), not SD3" if sdxl else "an SD 1.x/2.x UNet ('input_blocks.*'), not SD3")
+    elif has(r"down_blocks\.\d+\.attentions") or has(r"conv_in\.weight") and has(r"time_embedding\."):
+        parts.append("a diffusers UNet, not SD3")
+    if has(r"(first_stage_model\.)?encoder\.down\.\d+\.block"):
+        parts.append("an LDM-layout VAE")
+    elif has(r"encoder\.down_blocks\.\d+\.resnets"):
+        parts.append("a diffusers VAE (AutoencoderKL)")
+    for name in ("clip_l", "clip_g", "t5xxl"):
+        if has(rf"text_encoders\.{name}\."):
+            parts.append(f"a bundled {name} text encoder")
+    if has(r"text_model\.encoder\.layers\."):
+        parts.append("a CLIP text encoder")
+    if has(r"encoder\.block\.\d+\.layer\.0\.SelfAttention"):
+        parts.append("a T5 text encoder")
+    if not parts:
+        parts.append(f"an unrecognised model ({len(keys)} keys, e.g. {', '.join(sorted(keys)[:3])})")
+    return "; ".join(parts)
+
+
+def save_state_dict(sd: dict[str, torch.Tensor], path, metadata: dict | None = None):
+    """Write a safetensors file. Tensors must not share storage (pass tied weights once)."""
+    tensors = {k: v.detach().contiguous() for k, v in sd.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)

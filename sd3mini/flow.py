@@ -1,0 +1,113 @@
+"""Rectified-flow math for SD3, as small pure functions.
+
+SD3 moves along the straight line between an image latent ``x0`` and Gaussian noise:
+
+    z_t = (1 - t) * x0 + t * noise,      t in [0, 1]   (t = 0: data, t = 1: noise)
+
+and the MM-DiT is trained to predict the constant velocity ``v = dz_t/dt = noise - x0``.
+Sampling integrates that velocity field from t = 1 back to t = 0.
+
+Throughout the package ``sigma`` is this t (the reference code calls it sigma), and the MM-DiT
+receives ``timestep = sigma * 1000``.
+"""
+
+import math
+
+import torch
+
+# --- Latent format -------------------------------------------------------------------------------
+# The 16-channel VAE latents are shifted and scaled to roughly zero mean and unit variance before
+# the MM-DiT sees them (values from the reference, sd3_impls.SD3LatentFormat).
+LATENT_SCALE = 1.5305
+LATENT_SHIFT = 0.0609
+
+
+def process_in(z: torch.Tensor, scale: float = LATENT_SCALE, shift: float = LATENT_SHIFT) -> torch.Tensor:
+    """VAE latent -> diffusion-model space. Apply after ``vae.encode``."""
+    return (z - shift) * scale
+
+
+def process_out(z: torch.Tensor, scale: float = LATENT_SCALE, shift: float = LATENT_SHIFT) -> torch.Tensor:
+    """Diffusion-model space -> VAE latent. Apply before ``vae.decode``."""
+    return z / scale + shift
+
+
+# --- The noise schedule ----------------------------------------------------------------------------
+def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Shift t towards noise: ``shift*t / (1 + (shift-1)*t)``.
+
+    Larger images keep more of their structure at a given noise level, so SD3 spends more of the
+    schedule at high noise (paper section 5.3.2); shift = 3 is used for all released models.
+    """
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def get_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
+    """The sampling schedule: ``steps + 1`` float32 sigmas from 1.0 down to 0.0.
+
+    Exactly as the reference (``SD3Inferencer.get_sigmas``): timesteps are spaced linearly from
+    1000 down to ``1000 * time_shift(1/1000)`` (the smallest *shifted* training sigma), and are then
+    shifted again. So the last non-zero sigma is shifted twice: 0.008929 for shift 3, not 0.002994.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    sigma_min = time_shift(torch.tensor(1 / 1000, dtype=torch.float32), shift)
+    timesteps = torch.linspace(1000.0, float(sigma_min * 1000), steps)
+    sigmas = time_shift(timesteps / 1000.0, shift)
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+# --- Training: which t to train on (paper section 3.1) --------------------------------------------
+def sample_t(n: int, kind: str = "logit_normal", *, m: float = 0.0, s: float = 1.0,
+             mode_scale: float = 1.29, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw ``n`` training times in (0, 1).
+
+    - ``uniform``: t ~ U(0, 1).
+    - ``logit_normal``: t = sigmoid(m + s * N(0, 1)); SD3's choice (m=0, s=1), which spends the
+      training budget on the middle of the path, where predicting v is hardest.
+    - ``mode``: t = 1 - u - mode_scale * (cos^2(pi u / 2) - 1 + u); heavier tails than logit-normal.
+    - ``cosmap``: t = 1 - 1 / (tan(pi u / 2) + 1), the cosine schedule mapped to the straight path.
+    """
+    if kind == "logit_normal":
+        return torch.sigmoid(m + s * torch.randn(n, generator=generator))
+    u = torch.rand(n, generator=generator)
+    if kind == "uniform":
+        return u
+    if kind == "mode":
+        return 1 - u - mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
+    if kind == "cosmap":
+        return 1 - 1 / (torch.tan(math.pi / 2 * u) + 1)
+    raise ValueError(f"unknown timestep sampler {kind!r}; use one of {TIMESTEP_SAMPLERS}")
+
+
+TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")
+
+
+def t_density(t: torch.Tensor, kind: str = "logit_normal", *, m: float = 0.0, s: float = 1.0) -> torch.Tensor:
+    """Probability density of ``sample_t`` at ``t`` (for plots and tests; ``mode`` has no closed form)."""
+    if kind == "uniform":
+        return torch.ones_like(t)
+    if kind == "logit_normal":
+        logit = torch.log(t / (1 - t))
+        return torch.exp(-((logit - m) ** 2) / (2 * s**2)) / (s * math.sqrt(2 * math.pi) * t * (1 - t))
+    if kind == "cosmap":
+        return 2 / (math.pi - 2 * math.pi * t + 2 * math.pi * t**2)
+    raise ValueError(f"no closed-form density for {kind!r}")
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The point z_t on the straight path; ``t`` has one value per batch item, shape (B,)."""
+    t = t.reshape(-1, *([1] * (x0.ndim - 1)))
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the model learns to predict: v = d z_t / dt = noise - x0."""
+    return noise - x0
+
+
+def flow_matching_loss(v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the predicted and the true velocity (the paper's L_CFM)."""
+    return torch.mean((v_pred.float() - velocity_target(x0, noise).float()) ** 2)

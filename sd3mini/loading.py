@@ -1,0 +1,242 @@
+"""Loading the official weights: single files, standalone text encoders, diffusers folders, the Hub.
+
+Every loader follows the same three steps:
+  1. read the header and select the model's keys (strip a prefix, or convert diffusers names),
+  2. infer the configuration from the shapes and build the model on the meta device (no memory),
+  3. read each tensor, cast it to the target dtype and device, and ``load_state_dict(assign=True)``.
+So a 2B-parameter model loaded in bf16 never exists in float32 or twice on the host.
+"""
+
+import os
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, state_dict_of
+from .convert import is_diffusers_mmdit, is_diffusers_vae, mmdit_from_diffusers, vae_from_diffusers
+from .mmdit import MMDiT, MMDiTConfig
+from .text import CLIPTextEncoder, T5TextEncoder
+from .vae import SDVAE, VAEConfig
+
+MMDIT_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "text_encoders.{}.transformer."
+TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
+# Keys some files carry that no sd3mini module needs; dropped without a warning.
+_HARMLESS = re.compile(r"(.*position_ids|.*\.logit_scale|model_sampling\..*|loss\..*)$")
+
+
+def _select(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _most_common_float_dtype(sd: dict):
+    counts = Counter(v.dtype for v in sd.values() if isinstance(v.dtype, torch.dtype) and v.dtype.is_floating_point)
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def build(make, sd: dict, *, what: str, device=None, dtype=None, keep_fp32=(), all_keys=None) -> torch.nn.Module:
+    """Build ``make()`` on the meta device and fill it from ``sd`` one tensor at a time.
+
+    ``dtype=None`` keeps the checkpoint's dtype. ``keep_fp32``: key substrings kept in float32
+    whatever ``dtype`` is (T5's ``wo``, which overflows float16). Missing keys and shape mismatches
+    raise a CheckpointError that says what the file looks like; unknown keys get one warning.
+    """
+    with torch.device("meta"):
+        model = make()
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        looks = describe_checkpoint(all_keys if all_keys is not None else sd)
+        hint = " If the file is complete, it may be a different model." if len(missing) < len(expected) else ""
+        raise CheckpointError(f"this is not a complete {what}: missing {shown}. The file looks like {looks}.{hint}")
+    wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if tuple(sd[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise CheckpointError(f"shape mismatch loading {what}: " + "; ".join(wrong[:5]))
+    unknown = sorted(k for k in sd if k not in expected and not _HARMLESS.match(k))
+    if unknown:
+        warnings.warn(f"{what}: ignored {len(unknown)} unknown keys, e.g. {', '.join(unknown[:3])}", stacklevel=3)
+
+    dtype = dtype or _most_common_float_dtype({k: sd[k] for k in expected})
+    tensors = {}
+    for key in expected:
+        t = materialize(sd[key])
+        if t.is_floating_point():
+            t = t.to(device=device or "cpu", dtype=torch.float32 if any(s in key for s in keep_fp32) else dtype)
+        t = t.to(device or "cpu")
+        if t.device.type == "cpu" and t.data_ptr() % 64:
+            # A view into the (copy-on-write) memory map at the file's byte offset. CPU kernels take
+            # other SIMD paths on unaligned data and round differently (~1e-6), so the same weights
+            # would give slightly different outputs depending on the file's layout: copy to aligned memory.
+            t = t.clone()
+        tensors[key] = t
+    model.load_state_dict(tensors, assign=True, strict=True)
+    if hasattr(model, "init_non_persistent"):
+        model.init_non_persistent()
+    return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# The three model types
+# --------------------------------------------------------------------------------------------------
+def mmdit_state_dict(sd: dict) -> dict:
+    """The MM-DiT part of any supported layout, under official names without prefix."""
+    if any(k.startswith(MMDIT_PREFIX + "joint_blocks.") for k in sd):
+        return _select(sd, MMDIT_PREFIX)
+    if any(k.startswith("joint_blocks.") for k in sd):
+        return {k: v for k, v in sd.items() if not k.startswith(("first_stage_model.", "text_encoders."))}
+    if is_diffusers_mmdit(sd):
+        return mmdit_from_diffusers(sd)
+    raise CheckpointError(f"no SD3 MMDiT in this file; it looks like {describe_checkpoint(sd)}.")
+
+
+def vae_state_dict(sd: dict) -> dict:
+    if any(k.startswith(VAE_PREFIX + "encoder.") for k in sd):
+        return _select(sd, VAE_PREFIX)
+    if "encoder.down.0.block.0.conv1.weight" in sd:
+        return sd
+    if is_diffusers_vae(sd):
+        return vae_from_diffusers(sd)
+    raise CheckpointError(f"no SD3 VAE in this file; it looks like {describe_checkpoint(sd)}.")
+
+
+def text_encoder_state_dict(sd: dict, kind: str) -> dict:
+    """The ``kind`` text encoder under Hugging Face names (standalone files use them as they are)."""
+    if kind not in TEXT_ENCODERS:
+        raise ValueError(f"kind must be one of {TEXT_ENCODERS}, got {kind!r}")
+    bundled = TEXT_PREFIX.format(kind)
+    if any(k.startswith(bundled) for k in sd):
+        sd = _select(sd, bundled)
+    if kind == "t5xxl":
+        emb = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+        if emb is None or not any(k.startswith("encoder.block.") for k in sd):
+            raise CheckpointError(f"no T5 encoder in this file; it looks like {describe_checkpoint(sd)}.")
+        if any(k.endswith(".scale_weight") for k in sd) or "scaled_fp8" in sd:
+            raise CheckpointError("scaled-fp8 T5 files are not supported; use t5xxl_fp16.safetensors")
+        sd = {**sd, "shared.weight": emb, "encoder.embed_tokens.weight": emb}   # one tensor, two names
+    else:
+        if "text_model.embeddings.token_embedding.weight" not in sd:
+            raise CheckpointError(f"no CLIP text encoder in this file; it looks like {describe_checkpoint(sd)}.")
+        if "text_projection.weight" not in sd and kind == "clip_l":
+            # Some clip_l files lack the projection; SD3 does not use CLIP-L's, so identity is fine.
+            w = sd["text_model.embeddings.token_embedding.weight"].shape[1]
+            sd = {**sd, "text_projection.weight": LazyTensor((w, w), torch.float32, lambda: torch.eye(w))}
+    return sd
+
+
+def load_mmdit(src, *, device=None, dtype=None) -> MMDiT:
+    """An MM-DiT from a path (single file, MMDiT-only file, diffusers ``transformer/`` folder or file)
+    or a state dict (official keys with or without ``model.diffusion_model.``, or diffusers keys)."""
+    full = state_dict_of(src)
+    sd = mmdit_state_dict(full)
+    config = MMDiTConfig.from_state_dict(sd)
+    return build(lambda: MMDiT(config), sd, what="SD3 MMDiT", device=device, dtype=dtype, all_keys=full)
+
+
+def load_vae(src, *, device=None, dtype=None) -> SDVAE:
+    """The 16-channel VAE from a path or a state dict (with or without ``first_stage_model.``, or diffusers)."""
+    full = state_dict_of(src)
+    sd = vae_state_dict(full)
+    config = VAEConfig.from_state_dict(sd)
+    return build(lambda: SDVAE(config), sd, what="SD3 VAE", device=device, dtype=dtype, all_keys=full)
+
+
+def load_text_encoder(src, kind: str, *, num_heads: int | None = None, device=None, dtype=None):
+    """CLIP-L, CLIP-G or T5-XXL (``kind`` in clip_l, clip_g, t5xxl) from a standalone file, a bundled
+    single file, a diffusers ``text_encoder*/`` folder or a state dict. ``enc(tokens) -> (hidden, pooled)``.
+
+    ``num_heads`` defaults to width / 64 for CLIP (12 for L, 20 for G) and to the size of T5's relative
+    position-bias table (64). In float16, T5's feed-forward output layers stay float32 (they overflow).
+    """
+    full = state_dict_of(src)
+    sd = {"transformer." + k: v for k, v in text_encoder_state_dict(full, kind).items()}
+    inner = {k[len("transformer."):]: v for k, v in sd.items()}
+    if kind == "t5xxl":
+        config = T5TextEncoder.config_from_state_dict(inner, num_heads)
+        make, keep = (lambda: T5TextEncoder(config)), ("DenseReluDense.wo",) if dtype == torch.float16 else ()
+    else:
+        config = CLIPTextEncoder.config_from_state_dict(inner, kind, num_heads)
+        make, keep = (lambda: CLIPTextEncoder(config, projected=(kind == "clip_g"))), ()
+    return build(make, sd, what=f"{kind} text encoder", device=device, dtype=dtype, keep_fp32=keep, all_keys=full)
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hugging Face Hub
+# --------------------------------------------------------------------------------------------------
+HUB_MODELS = {
+    # name: (repository, single file). All are gated: accept the licence on the model page first.
+    "sd3_medium": ("stabilityai/stable-diffusion-3-medium", "sd3_medium.safetensors"),
+    "sd3.5_large": ("stabilityai/stable-diffusion-3.5-large", "sd3.5_large.safetensors"),
+    "sd3.5_large_turbo": ("stabilityai/stable-diffusion-3.5-large-turbo", "sd3.5_large_turbo.safetensors"),
+    "sd3.5_medium": ("stabilityai/stable-diffusion-3.5-medium", "sd3.5_medium.safetensors"),
+}
+HUB_TEXT_ENCODERS = {"clip_l": "text_encoders/clip_l.safetensors", "clip_g": "text_encoders/clip_g.safetensors",
+                     "t5xxl": "text_encoders/t5xxl_fp16.safetensors"}
+# The reference fetches its tokenizers from these public (not gated) repositories.
+HUB_T5_TOKENIZER = "google/t5-v1_1-xxl"
+
+
+def _gated_message(repo: str) -> str:
+    return (f"{repo} is a gated repository and this request was refused. To download it:\n"
+            f"  1. log in at https://huggingface.co and accept the licence on https://huggingface.co/{repo}\n"
+            "  2. create a read token at https://huggingface.co/settings/tokens\n"
+            "  3. set it: export HF_TOKEN=hf_...  (or `huggingface-cli login`, or in a notebook\n"
+            "     `from huggingface_hub import notebook_login; notebook_login()`)")
+
+
+def hub_download(repo: str, filename: str | None = None, *, token=None, allow_patterns=None) -> Path:
+    """Download one file (or, with ``allow_patterns``, a snapshot) from the Hub; a gated-repo refusal
+    becomes a message that explains the licence and the token. Uses the Hub cache."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    token = token or os.environ.get("HF_TOKEN")
+    try:
+        if filename is None:
+            return Path(snapshot_download(repo, allow_patterns=allow_patterns, token=token))
+        return Path(hf_hub_download(repo, filename, token=token))
+    except GatedRepoError as e:
+        raise PermissionError(_gated_message(repo)) from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise PermissionError(_gated_message(repo)) from e
+        raise
+
+
+def download(model: str = "sd3_medium", *, text_encoders=TEXT_ENCODERS, token=None) -> dict[str, Path]:
+    """Download an official single file and its standalone text encoders -> {"model": path, "clip_l": ...}."""
+    if model not in HUB_MODELS:
+        raise ValueError(f"unknown model {model!r}; choose one of {sorted(HUB_MODELS)}")
+    repo, filename = HUB_MODELS[model]
+    paths = {"model": hub_download(repo, filename, token=token)}
+    for kind in text_encoders:
+        paths[kind] = hub_download(repo, HUB_TEXT_ENCODERS[kind], token=token)
+    return paths
+
+
+def save_single_file(path, *, mmdit=None, vae=None, clip_l=None, clip_g=None, t5xxl=None, prefix: bool = True,
+                     dtype=None, metadata: dict | None = None):
+    """Write models in the official single-file layout (``model.diffusion_model.*``, ``first_stage_model.*``,
+    ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.*``). ``prefix=False`` writes a bare MM-DiT."""
+    from .checkpoint import save_state_dict
+
+    if not prefix and any(m is not None for m in (vae, clip_l, clip_g, t5xxl)):
+        raise ValueError("prefix=False writes an MM-DiT alone")
+    parts = [(mmdit, MMDIT_PREFIX if prefix else ""), (vae, VAE_PREFIX)]
+    parts += [(enc, TEXT_PREFIX.format(kind)) for enc, kind in ((clip_l, "clip_l"), (clip_g, "clip_g"), (t5xxl, "t5xxl"))]
+    sd = {}
+    for module, pre in parts:
+        if module is None:
+            continue
+        inner = module.transformer if hasattr(module, "transformer") else module
+        for k, v in inner.state_dict().items():
+            if k == "encoder.embed_tokens.weight":       # T5: tied to shared.weight, stored once
+                continue
+            sd[pre + k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    save_state_dict(sd, path, metadata=metadata)

@@ -1,0 +1,280 @@
+"""``SD3Pipeline``: prompt -> image with an MM-DiT, a VAE and a text encoder.
+
+    pipe = SD3Pipeline.from_single_file("sd3_medium.safetensors")      # + text_encoders/ beside it
+    image = pipe("a photo of a cat", seed=1)[0]
+
+The steps are the reference's (``sd3_infer.SD3Inferencer.gen_image``): encode the prompt and the
+negative prompt, draw seeded noise on the CPU, sample with CFG, ``process_out``, decode, and turn
+[-1, 1] into 8-bit pixels.
+"""
+
+import random
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .checkpoint import open_state_dict
+from .flow import LATENT_SCALE, LATENT_SHIFT, process_in, process_out
+from .loading import TEXT_ENCODERS, download, hub_download, load_mmdit, load_text_encoder, load_vae
+from .mmdit import MMDiTConfig
+from .sampling import make_noise, sample
+from .text import SD3TextEncoder, SD3Tokenizer, clip_tokenizer
+from .vae import image_to_tensor, tensor_to_images
+
+# Defaults per model, from the reference's sd3_infer.CONFIGS. SD3-medium: shift 3.0, not the 1.0 of
+# the sd3.5 repository's CONFIGS: the SD3 release reference (sd3-ref) says "publicly released models
+# use 3.0", its README runs sd3_medium with --shift 3, and diffusers' SD3-medium scheduler uses 3.0.
+# 28 steps: sd3-ref notes "sd3_medium is quite decent at 28 steps" (and diffusers defaults to 28).
+MODEL_DEFAULTS = {
+    "sd3_medium": dict(shift=3.0, steps=28, cfg_scale=5.0, sampler="dpmpp_2m"),
+    "sd3.5_large": dict(shift=3.0, steps=40, cfg_scale=4.5, sampler="dpmpp_2m"),
+    "sd3.5_large_turbo": dict(shift=3.0, steps=4, cfg_scale=1.0, sampler="euler"),
+    "sd3.5_medium": dict(shift=3.0, steps=50, cfg_scale=5.0, sampler="dpmpp_2m"),
+    "custom": dict(shift=3.0, steps=28, cfg_scale=5.0, sampler="euler"),
+}
+# Skip-layer guidance of the reference (only SD3.5-medium defines it); enable with slg=True.
+DEFAULT_SLG = dict(scale=2.5, start=0.01, end=0.20, layers=(7, 8, 9))
+OFFLOAD_MODES = ("none", "model")
+
+
+def detect_model(config: MMDiTConfig, filename: str = "") -> str:
+    """The official model a configuration belongs to ("custom" for anything else)."""
+    if config == MMDiTConfig.sd3_medium():
+        return "sd3_medium"
+    if config == MMDiTConfig.sd3_5_large():
+        return "sd3.5_large_turbo" if "turbo" in Path(str(filename)).name.lower() else "sd3.5_large"
+    if config == MMDiTConfig.sd3_5_medium():
+        return "sd3.5_medium"
+    return "custom"
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on older ones (a Colab T4), fp32 on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_size(width: int, height: int, multiple: int, max_size: int):
+    """Raise a ValueError that names the nearest valid sizes."""
+    for name, v in (("width", width), ("height", height)):
+        if v % multiple:
+            lo = max(multiple, v // multiple * multiple)
+            raise ValueError(f"{name} {v} is not a multiple of {multiple}; the nearest valid sizes are {lo} and {lo + multiple}")
+        if v > max_size:
+            raise ValueError(f"{name} {v} is larger than this model supports: the maximum is {max_size} pixels")
+        if v < multiple:
+            raise ValueError(f"{name} must be at least {multiple}")
+
+
+def check_finite(name: str, t: torch.Tensor, hint: str):
+    if not torch.isfinite(t).all():
+        raise FloatingPointError(f"{name} produced inf/NaN values ({t.dtype}). {hint}")
+
+
+class SD3Pipeline:
+    """Holds the three components and runs text -> image (and image -> image)."""
+
+    def __init__(self, mmdit, vae, text_encoder, *, model: str = "custom", device=None, offload: str = "none",
+                 latent_scale: float = LATENT_SCALE, latent_shift: float = LATENT_SHIFT):
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}")
+        self.mmdit, self.vae, self.text_encoder = mmdit, vae, text_encoder
+        self.model = model
+        self.defaults = MODEL_DEFAULTS.get(model, MODEL_DEFAULTS["custom"])
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.offload = offload
+        self.latent_format = (latent_scale, latent_shift)
+        self.last_seed = None
+        if offload == "none":
+            for m in (mmdit, vae, text_encoder):
+                m.to(self.device)
+
+    # --- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_single_file(cls, path, *, clip_l=None, clip_g=None, t5xxl=None, tokenizer=None, no_t5: bool = False,
+                         device=None, dtype=None, offload: str = "none", token=None) -> "SD3Pipeline":
+        """An official single file (``sd3_medium.safetensors``, ``sd3.5_*.safetensors``, or a name in
+        ``HUB_MODELS`` to download it). Text encoders come from the file when it bundles them, else from
+        the given paths, else from ``text_encoders/`` beside the file (the Hub layout).
+
+        ``tokenizer``: an ``SD3Tokenizer``, or a T5 tokenizer folder / Hub repo (default google/t5-v1_1-xxl);
+        the CLIP tokenizer ships with sd3mini. ``no_t5``: skip T5 (see ``encode_prompt``).
+        """
+        from .loading import HUB_MODELS
+
+        if str(path) in HUB_MODELS and not Path(str(path)).exists():
+            kinds = tuple(k for k in TEXT_ENCODERS if not (k == "t5xxl" and no_t5))
+            paths = download(str(path), text_encoders=kinds, token=token)
+            path, clip_l, clip_g, t5xxl = paths["model"], paths["clip_l"], paths["clip_g"], paths.get("t5xxl")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or default_dtype(device)
+        place = "cpu" if offload != "none" else device
+        sd = open_state_dict(path)
+        mmdit = load_mmdit(sd, device=place, dtype=dtype)
+        vae = load_vae(sd, device=place, dtype=_vae_dtype(dtype))
+        encoders = {}
+        for kind, given in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl)):
+            if kind == "t5xxl" and no_t5:
+                continue
+            src = given or _find_text_encoder(sd, Path(path), kind)
+            encoders[kind] = load_text_encoder(src, kind, device=place, dtype=dtype)
+        text = SD3TextEncoder(encoders["clip_l"], encoders["clip_g"], encoders.get("t5xxl"),
+                              _tokenizer(tokenizer, need_t5=not no_t5, token=token), mmdit.config.context_in_dim)
+        return cls(mmdit, vae, text, model=detect_model(mmdit.config, path), device=device, offload=offload)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo, *, no_t5: bool = False, device=None, dtype=None, offload: str = "none",
+                        token=None) -> "SD3Pipeline":
+        """A diffusers-format folder (``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``), or a
+        Hub repository in that layout (e.g. stabilityai/stable-diffusion-3-medium-diffusers)."""
+        root = Path(str(path_or_repo))
+        if not root.is_dir():
+            patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
+                        "tokenizer/*", "tokenizer_2/*"] + ([] if no_t5 else ["text_encoder_3/*", "tokenizer_3/*"])
+            root = hub_download(str(path_or_repo), token=token, allow_patterns=patterns)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or default_dtype(device)
+        place = "cpu" if offload != "none" else device
+        mmdit = load_mmdit(root / "transformer", device=place, dtype=dtype)
+        vae = load_vae(root / "vae", device=place, dtype=_vae_dtype(dtype))
+        clip_l = load_text_encoder(root / "text_encoder", "clip_l", device=place, dtype=dtype)
+        clip_g = load_text_encoder(root / "text_encoder_2", "clip_g", device=place, dtype=dtype)
+        t5 = None
+        if not no_t5 and (root / "text_encoder_3").is_dir():
+            t5 = load_text_encoder(root / "text_encoder_3", "t5xxl", device=place, dtype=dtype)
+        tokenizer = _tokenizer(root if (root / "tokenizer").is_dir() else None, need_t5=t5 is not None, token=token)
+        text = SD3TextEncoder(clip_l, clip_g, t5, tokenizer, mmdit.config.context_in_dim)
+        return cls(mmdit, vae, text, model=detect_model(mmdit.config, root.name), device=device, offload=offload)
+
+    # --- running ---------------------------------------------------------------------------------
+    @contextmanager
+    def _on_device(self, module):
+        """Model offload: a component visits the GPU only while it runs."""
+        if self.offload == "model":
+            module.to(self.device)
+        try:
+            yield module
+        finally:
+            if self.offload == "model":
+                module.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    @property
+    def vae_scale(self) -> int:
+        return self.vae.downscale
+
+    @torch.no_grad()
+    def __call__(self, prompt, negative_prompt="", *, width=None, height=None, steps=None, cfg_scale=None,
+                 shift=None, sampler=None, seed=None, init_image=None, denoise=0.8, slg=None, progress=True):
+        """Generate one image per prompt -> list of PIL images (each with ``info["parameters"]``).
+
+        ``seed``: image i of a batch uses seed + i (None: a random seed, kept in ``self.last_seed``).
+        ``init_image`` + ``denoise`` in (0, 1]: image-to-image. ``slg``: True for the reference's
+        skip-layer guidance, or a dict(scale, start, end, layers).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        steps = steps if steps is not None else self.defaults["steps"]
+        cfg_scale = cfg_scale if cfg_scale is not None else self.defaults["cfg_scale"]
+        shift = shift if shift is not None else self.defaults["shift"]
+        sampler = sampler or self.defaults["sampler"]
+        slg = DEFAULT_SLG if slg is True else (slg or None)
+        if init_image is not None and (width is None or height is None):
+            width, height = (v // 16 * 16 for v in init_image.size)
+        cfg = self.mmdit.config
+        multiple, max_size = cfg.patch_size * self.vae_scale, cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale
+        width = width or min(1024, max_size)     # official models are trained at 1024 x 1024
+        height = height or width
+        check_size(width, height, multiple, max_size)
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+        if init_image is not None and not 0 < denoise <= 1:
+            raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+        seed = random.randrange(2**31) if seed is None else int(seed)
+        self.last_seed = seed
+        hint = "Use bf16 (an Ampere or newer GPU), or load this component in float32."
+
+        # 1. text -> (context, pooled); the negative prompt is encoded like any prompt
+        guided = cfg_scale != 1.0   # at cfg 1 the unconditional pass cancels out: skip it
+        with self._on_device(self.text_encoder) as te:
+            context, pooled = te.encode(prompts + negatives if guided else prompts)
+        check_finite("the text encoder", context, "T5-XXL overflows in float16: keep it in float32 or on the CPU. " + hint)
+        context, pooled = context.to(self.device), pooled.to(self.device)
+        n = len(prompts)
+        cond = (context[:n], pooled[:n])
+        uncond = (context[n:], pooled[n:]) if guided else None
+
+        # 2. noise (and the init latent) -> sampled latent
+        latent_hw = (height // self.vae_scale, width // self.vae_scale)
+        noise = make_noise(seed, (cfg.in_channels, *latent_hw), batch=n).to(self.device)
+        init_latent = None
+        if init_image is not None:
+            with self._on_device(self.vae) as vae:
+                pixels = image_to_tensor(init_image, width, height).to(self.device, next(vae.parameters()).dtype)
+                z = vae.encode(pixels, generator=torch.Generator().manual_seed(seed)).float()
+            init_latent = process_in(z, *self.latent_format).expand(n, -1, -1, -1)
+        with self._on_device(self.mmdit) as mmdit:
+            latent = sample(mmdit, noise, cond, uncond, steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
+                            init_latent=init_latent, denoise=denoise if init_image is not None else 1.0, slg=slg,
+                            progress=progress)
+        check_finite("the MM-DiT", latent, hint)
+
+        # 3. latent -> pixels
+        with self._on_device(self.vae) as vae:
+            image = vae.decode(process_out(latent, *self.latent_format).to(next(vae.parameters()).dtype)).float()
+        check_finite("the VAE decoder", image, "Decode in float32 or bf16. " + hint)
+        images = tensor_to_images(image)
+        for i, im in enumerate(images):
+            im.info["parameters"] = (f"prompt: {prompts[i]!r}; negative: {negatives[i]!r}; seed: {seed + i}; "
+                                     f"steps: {steps}; cfg: {cfg_scale}; shift: {shift}; sampler: {sampler}; "
+                                     f"size: {width}x{height}; model: {self.model}")
+        return images
+
+
+def _vae_dtype(dtype):
+    """float16 VAEs can overflow (black images); decode in float32 when the rest runs in float16."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _find_text_encoder(sd: dict, path: Path, kind: str):
+    """A text encoder bundled in the single file, or a standalone file beside it (the Hub layout)."""
+    if any(k.startswith(f"text_encoders.{kind}.") for k in sd):
+        return sd
+    names = {"clip_l": ["clip_l.safetensors"], "clip_g": ["clip_g.safetensors"],
+             "t5xxl": ["t5xxl_fp16.safetensors", "t5xxl.safetensors", "t5xxl_fp32.safetensors"]}[kind]
+    for folder in (path.parent / "text_encoders", path.parent):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    raise FileNotFoundError(
+        f"no {kind} text encoder: {path.name} does not bundle one and there is no {names[0]} in "
+        f"{path.parent / 'text_encoders'}. Pass {kind}=PATH, or no_t5=True to run without T5.")
+
+
+def _tokenizer(tokenizer, need_t5: bool, token=None) -> SD3Tokenizer:
+    """An SD3Tokenizer from an instance, a diffusers folder, a T5 tokenizer folder or repo, or defaults."""
+    if isinstance(tokenizer, SD3Tokenizer):
+        return tokenizer
+    from transformers import AutoTokenizer, CLIPTokenizer
+
+    clip, t5 = clip_tokenizer(), None
+    root = Path(str(tokenizer)) if tokenizer is not None else None
+    if root is not None and (root / "tokenizer").is_dir():          # a diffusers folder
+        clip = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        root = root / "tokenizer_3" if (root / "tokenizer_3").is_dir() else None
+    if need_t5:
+        if root is not None and root.is_dir():
+            t5 = AutoTokenizer.from_pretrained(root)
+        else:
+            from .loading import HUB_T5_TOKENIZER
+
+            repo = str(tokenizer) if tokenizer is not None else HUB_T5_TOKENIZER
+            t5 = AutoTokenizer.from_pretrained(hub_download(repo, token=token, allow_patterns=[
+                "spiece.model", "tokenizer*.json", "special_tokens_map.json", "config.json"]))
+    return SD3Tokenizer(clip, t5)

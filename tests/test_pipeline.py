@@ -1,0 +1,146 @@
+"""SD3Pipeline end to end on tiny random weights (CPU, float32)."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import GOLDEN, tiny_pipeline, tiny_t5_tokenizer, tiny_text_encoders
+from PIL import Image
+
+import sd3mini
+from sd3mini.loading import save_single_file
+from sd3mini.pipeline import detect_model
+
+KW = dict(width=64, height=64, steps=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def pixels(images):
+    return np.stack([np.asarray(im) for im in images])
+
+
+def test_same_seed_same_pixels(pipe):
+    a, b = pipe("a red circle", seed=3, **KW), pipe("a red circle", seed=3, **KW)
+    assert pipe.last_seed == 3
+    assert a[0].size == (64, 64) and a[0].mode == "RGB"
+    assert np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a), pixels(pipe("a red circle", seed=4, **KW)))
+    assert pixels(a).std() > 1                                              # not a constant image
+    assert "seed: 3" in a[0].info["parameters"]
+
+
+def test_model_offload_gives_the_same_pixels(pipe):
+    offloaded = tiny_pipeline(offload="model")
+    assert np.array_equal(pixels(pipe("a cat", seed=1, **KW)), pixels(offloaded("a cat", seed=1, **KW)))
+
+
+def test_batch_item_i_uses_seed_plus_i(pipe):
+    batch = pipe(["a red circle", "a blue square"], seed=10, **KW)
+    single = pipe("a blue square", seed=11, **KW)
+    assert len(batch) == 2
+    assert np.abs(pixels(batch[1:]).astype(int) - pixels(single).astype(int)).max() <= 1   # batch-size rounding
+
+
+def test_random_seed_is_reported(pipe):
+    images = pipe("a cat", **KW)
+    seed = pipe.last_seed
+    assert np.array_equal(pixels(images), pixels(pipe("a cat", seed=seed, **KW)))
+
+
+def test_negative_prompt_and_guidance_change_the_image(pipe):
+    base = pixels(pipe("a cat", seed=0, **KW))
+    assert not np.array_equal(base, pixels(pipe("a cat", "a dog", seed=0, **KW)))
+    assert not np.array_equal(base, pixels(pipe("a cat", seed=0, cfg_scale=1.0, **KW)))
+
+
+def test_img2img_and_slg_and_samplers(pipe):
+    init = Image.fromarray((np.arange(64 * 64 * 3) % 255).astype(np.uint8).reshape(64, 64, 3))
+    out = pipe("a cat", seed=0, init_image=init, denoise=0.5, steps=4, progress=False)
+    assert out[0].size == (64, 64)
+    slg = dict(scale=2.5, start=0.0, end=1.0, layers=[0])
+    plain = pixels(pipe("a cat", seed=0, **KW))
+    assert not np.array_equal(plain, pixels(pipe("a cat", seed=0, slg=slg, **KW)))
+    assert not np.array_equal(plain, pixels(pipe("a cat", seed=0, sampler="dpmpp_2m", **KW)))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(width=100), "width 100 is not a multiple of 16; the nearest valid sizes are 96 and 112"),
+    (dict(height=72), "height 72 is not a multiple of 16; the nearest valid sizes are 64 and 80"),
+    (dict(width=256), "larger than this model supports: the maximum is 128 pixels"),
+    (dict(steps=0), "steps must be at least 1"),
+    (dict(cfg_scale=-2.0), "cfg_scale must be >= 0"),
+])
+def test_bad_arguments(pipe, kwargs, message):
+    args = dict(KW) | kwargs
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", **args)
+
+
+def test_bad_denoise(pipe):
+    init = Image.new("RGB", (64, 64))
+    for denoise in (0.0, 1.2):
+        with pytest.raises(ValueError, match=r"denoise must be in \(0, 1\]"):
+            pipe("a cat", init_image=init, denoise=denoise, **KW)
+
+
+def test_long_prompt_warns(pipe):
+    with pytest.warns(UserWarning, match="truncated"):
+        pipe(" ".join(["cat"] * 90), seed=0, **KW)
+
+
+def test_non_finite_component_is_named(pipe, monkeypatch):
+    def overflow(prompts):
+        return torch.full((len(prompts), 154, 256), float("inf")), torch.zeros(len(prompts), 192)
+
+    monkeypatch.setattr(pipe.text_encoder, "encode", overflow)
+    with pytest.raises(FloatingPointError, match="text encoder.*T5-XXL overflows in float16"):
+        pipe("a cat", seed=0, **KW)
+
+
+def test_from_single_file_with_bundled_text_encoders(pipe, tmp_path):
+    encs = tiny_text_encoders()
+    path = tmp_path / "tiny_incl_clips_t5.safetensors"
+    save_single_file(path, mmdit=pipe.mmdit, vae=pipe.vae, clip_l=encs["clip_l"], clip_g=encs["clip_g"],
+                     t5xxl=encs["t5xxl"])
+    tokenizer = sd3mini.SD3Tokenizer(t5=tiny_t5_tokenizer())
+    loaded = sd3mini.SD3Pipeline.from_single_file(path, tokenizer=tokenizer, device="cpu")
+    assert loaded.model == "custom" and loaded.text_encoder.t5 is not None
+    assert np.array_equal(pixels(pipe("a red circle", seed=5, **KW)), pixels(loaded("a red circle", seed=5, **KW)))
+
+
+def test_from_single_file_with_text_encoders_beside_it(pipe, tmp_path):
+    """The Hub layout: sd3_medium.safetensors with text_encoders/clip_l.safetensors ... next to it."""
+    encs = tiny_text_encoders()
+    save_single_file(tmp_path / "model.safetensors", mmdit=pipe.mmdit, vae=pipe.vae)
+    for kind, name in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5xxl", "t5xxl_fp16")):
+        sd = {k: v for k, v in encs[kind].transformer.state_dict().items() if k != "encoder.embed_tokens.weight"}
+        sd3mini.checkpoint.save_state_dict(sd, tmp_path / "text_encoders" / f"{name}.safetensors")
+    no_t5 = sd3mini.SD3Pipeline.from_single_file(tmp_path / "model.safetensors", no_t5=True, device="cpu")
+    assert no_t5.text_encoder.t5 is None
+    no_t5("a cat", seed=0, **KW)
+    with pytest.raises(FileNotFoundError, match="no t5xxl text encoder"):
+        (tmp_path / "text_encoders" / "t5xxl_fp16.safetensors").unlink()
+        sd3mini.SD3Pipeline.from_single_file(tmp_path / "model.safetensors",
+                                             tokenizer=sd3mini.SD3Tokenizer(t5=tiny_t5_tokenizer()), device="cpu")
+
+
+def test_from_pretrained_diffusers_folder(pipe, tmp_path):
+    from sd3mini.convert import save_diffusers
+
+    encs = tiny_text_encoders()
+    tokenizer = sd3mini.SD3Tokenizer(t5=tiny_t5_tokenizer())
+    save_diffusers(tmp_path, mmdit=pipe.mmdit, vae=pipe.vae, clip_l=encs["clip_l"], clip_g=encs["clip_g"],
+                   t5=encs["t5xxl"], tokenizer=tokenizer)
+    loaded = sd3mini.SD3Pipeline.from_pretrained(tmp_path, device="cpu")
+    assert np.array_equal(pixels(pipe("a red circle", seed=2, **KW)), pixels(loaded("a red circle", seed=2, **KW)))
+
+
+def test_detect_model():
+    assert detect_model(sd3mini.MMDiTConfig.sd3_medium()) == "sd3_medium"
+    assert detect_model(sd3mini.MMDiTConfig.sd3_5_large(), "sd3.5_large_turbo.safetensors") == "sd3.5_large_turbo"
+    assert detect_model(sd3mini.MMDiTConfig.sd3_5_large(), "sd3.5_large.safetensors") == "sd3.5_large"
+    assert detect_model(sd3mini.MMDiTConfig.sd3_5_medium()) == "sd3.5_medium"
+    assert detect_model(sd3mini.load_mmdit(GOLDEN / "mmdit_sd3.safetensors").config) == "custom"
