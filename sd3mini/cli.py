@@ -69,45 +69,61 @@ def info(path: str) -> str:
     return "\n".join(lines)
 
 
-def generate(args) -> Path:
-    from PIL import PngImagePlugin
-
+def load_pipeline(args):
+    """The pipeline ``generate`` runs: the shipped tiny model when no --ckpt is given."""
+    from .checkpoint import file_metadata
     from .pipeline import SD3Pipeline
+    from .toy.model import toy_pipeline
 
-    if args.ckpt is None:
-        raise SystemExit("--ckpt is required (a .safetensors file, a diffusers folder, or a name such as sd3_medium)")
+    if args.ckpt is None or (Path(args.ckpt).is_file() and "sd3mini_toy" in file_metadata(args.ckpt)):
+        return toy_pipeline(args.ckpt, device=args.device or "cpu")
     kwargs = dict(device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload, no_t5=args.no_t5)
     if Path(args.ckpt).is_dir():
-        pipe = SD3Pipeline.from_pretrained(args.ckpt, **kwargs)
-    else:
-        pipe = SD3Pipeline.from_single_file(args.ckpt, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
-                                            tokenizer=args.tokenizer, **kwargs)
-    init = None
-    if args.init_image:
-        from PIL import Image
+        return SD3Pipeline.from_pretrained(args.ckpt, **kwargs)
+    return SD3Pipeline.from_single_file(args.ckpt, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
+                                        tokenizer=args.tokenizer, **kwargs)
 
-        init = Image.open(args.init_image)
-    images = pipe(args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
+
+def generate(args) -> Path:
+    from PIL import Image, PngImagePlugin
+
+    from .pipeline import image_grid
+
+    pipe = load_pipeline(args)
+    init = Image.open(args.init_image) if args.init_image else None
+    n = args.grid**2
+    images = pipe([args.prompt] * n, args.negative, width=args.width, height=args.height, steps=args.steps,
                   cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, init_image=init,
-                  denoise=args.denoise, slg=True if args.slg else None)
+                  denoise=args.denoise, slg=True if args.slg else None, progress=n == 1 and pipe.model != "toy")
+    upscale = args.upscale or (4 if pipe.model == "toy" else 1)
+    picture = image_grid(images, args.grid, upscale=upscale)
     out = Path(args.output)
     meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", images[0].info["parameters"])
-    images[0].save(out, pnginfo=meta)
-    print(f"wrote {out} (seed {pipe.last_seed})")
+    meta.add_text("parameters", images[0].info["parameters"] + (f"; grid {args.grid}x{args.grid}, seeds "
+                                                                  f"{pipe.last_seed}..{pipe.last_seed + n - 1}" if n > 1 else ""))
+    picture.save(out, pnginfo=meta)
+    size = f"{images[0].width}x{images[0].height}" + (f", shown {upscale}x" if upscale > 1 else "")
+    print(f"wrote {out}: {n} image{'s' * (n > 1)} of {size} ({pipe.model} model, seed {pipe.last_seed})")
     return out
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-toy"]:                       # its own parser: every recipe field is an option
+        from .toy.train import main as train_main
+
+        return train_main(argv[1:]) or 0
     parser = argparse.ArgumentParser(prog="python -m sd3mini", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train-toy", help="train the tiny SD3 from scratch (see: train-toy --help)")
 
     p = sub.add_parser("info", help="describe a checkpoint (reads only its header)")
     p.add_argument("file")
 
     p = sub.add_parser("generate", help="text (or image) to image")
     p.add_argument("prompt")
-    p.add_argument("--ckpt", help="official single file, diffusers folder, or sd3_medium / sd3.5_large / ...")
+    p.add_argument("--ckpt", help="official single file, diffusers folder, or sd3_medium / sd3.5_large / ... "
+                                  "(default: the tiny model shipped with sd3mini)")
     p.add_argument("--negative", default="")
     p.add_argument("--clip-l"), p.add_argument("--clip-g"), p.add_argument("--t5xxl")
     p.add_argument("--tokenizer", help="T5 tokenizer folder or Hub repo (default google/t5-v1_1-xxl)")
@@ -120,6 +136,8 @@ def main(argv=None):
     p.add_argument("--slg", action="store_true", help="skip-layer guidance (SD3.5-medium)")
     p.add_argument("--device"), p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--offload", choices=["none", "model"], default="none")
+    p.add_argument("--grid", type=int, default=1, help="an N x N grid of images, seeds SEED ... SEED + N*N - 1")
+    p.add_argument("--upscale", type=int, help="enlarge the saved picture (nearest neighbour); default 4 for the tiny model")
     p.add_argument("-o", "--output", default="out.png")
 
     args = parser.parse_args(argv)

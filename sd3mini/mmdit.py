@@ -374,6 +374,31 @@ class MMDiT(nn.Module):
         ])
         self.final_layer = FinalLayer(dim, config.patch_size, config.in_channels)
 
+    def initialize_weights(self):
+        """DiT's initialization for training from scratch ("adaLN-Zero").
+
+        Every adaLN output starts at zero, so each block's gates are 0 and each block is the identity;
+        the final layer starts at zero, so the first prediction is v = 0. Linear layers are Xavier-uniform,
+        the timestep MLP N(0, 0.02). (Loading a checkpoint overwrites all of this.)
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in self.joint_blocks:
+            for stream in (block.context_block, block.x_block):
+                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
+                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        return self
+
     def forward(self, x, t, y, context, skip_layers=()):
         """x (B, C, H, W), t (B,) = sigma*1000, y (B, adm), context (B, L, ctx) -> velocity (B, C, H, W).
 

@@ -87,6 +87,7 @@ class SD3Pipeline:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.offload = offload
         self.latent_format = (latent_scale, latent_shift)
+        self.default_size = None   # pixels; None: 1024, or less where the model's position grid is smaller
         self.last_seed = None
         if offload == "none":
             for m in (mmdit, vae, text_encoder):
@@ -187,7 +188,7 @@ class SD3Pipeline:
             width, height = (v // 16 * 16 for v in init_image.size)
         cfg = self.mmdit.config
         multiple, max_size = cfg.patch_size * self.vae_scale, cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale
-        width = width or min(1024, max_size)     # official models are trained at 1024 x 1024
+        width = width or self.default_size or min(1024, max_size)   # official models: 1024 x 1024
         height = height or width
         check_size(width, height, multiple, max_size)
         if steps < 1:
@@ -216,7 +217,7 @@ class SD3Pipeline:
         init_latent = None
         if init_image is not None:
             with self._on_device(self.vae) as vae:
-                pixels = image_to_tensor(init_image, width, height).to(self.device, next(vae.parameters()).dtype)
+                pixels = image_to_tensor(init_image, width, height).to(self.device, _dtype(vae))
                 z = vae.encode(pixels, generator=torch.Generator().manual_seed(seed)).float()
             init_latent = process_in(z, *self.latent_format).expand(n, -1, -1, -1)
         with self._on_device(self.mmdit) as mmdit:
@@ -227,7 +228,7 @@ class SD3Pipeline:
 
         # 3. latent -> pixels
         with self._on_device(self.vae) as vae:
-            image = vae.decode(process_out(latent, *self.latent_format).to(next(vae.parameters()).dtype)).float()
+            image = vae.decode(process_out(latent, *self.latent_format).to(_dtype(vae))).float()
         check_finite("the VAE decoder", image, "Decode in float32 or bf16. " + hint)
         images = tensor_to_images(image)
         for i, im in enumerate(images):
@@ -235,6 +236,22 @@ class SD3Pipeline:
                                      f"steps: {steps}; cfg: {cfg_scale}; shift: {shift}; sampler: {sampler}; "
                                      f"size: {width}x{height}; model: {self.model}")
         return images
+
+
+def image_grid(images, cols: int, upscale: int = 1, gap: int = 0):
+    """PIL images -> one picture, ``cols`` per row, each enlarged ``upscale`` times (nearest neighbour)."""
+    from PIL import Image
+
+    w, h = images[0].width * upscale, images[0].height * upscale
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.resize((w, h), Image.NEAREST), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
+    return grid
+
+
+def _dtype(module) -> torch.dtype:
+    return next(module.parameters(), torch.empty(0)).dtype
 
 
 def _vae_dtype(dtype):

@@ -6,7 +6,7 @@ unconditional pass, and skip-layer guidance adds one more, conditional pass with
 """
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .flow import get_sigmas
 

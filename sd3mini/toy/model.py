@@ -1,0 +1,145 @@
+"""The embedded tiny SD3: SD3's own MM-DiT at toy size, a small text encoder, and pixel space.
+
+Nothing here re-implements SD3: the denoiser is ``sd3mini.MMDiT`` with a small ``MMDiTConfig``, trained
+with ``sd3mini.flow`` and sampled with ``sd3mini.sample`` through ``SD3Pipeline``. What is new is the
+text encoder (SD3's CLIP/T5 are 5 B parameters; this one is trained jointly, from scratch, on the
+caption vocabulary) and ``PixelSpace``, the identity "autoencoder" used in place of the VAE.
+"""
+
+import json
+import warnings
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..mmdit import Mlp, MMDiT, MMDiTConfig
+from .data import CELLS, COLOURS, RELATIONS, SHAPES, SIZES
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+WORDS = sorted({"a", "in", "the"} | set(COLOURS) | set(SHAPES) | set(SIZES)
+               | {w for cell in CELLS for w in cell.split()} | {w for rel in RELATIONS for w in rel.split()})
+VOCAB = SPECIALS + WORDS
+MAX_TOKENS = 16
+
+
+class TextBlock(nn.Module):
+    """A pre-LayerNorm transformer block; every token attends to every real (non-pad) token."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width, 4 * width)
+
+    def forward(self, x, keep):                  # x (B, L, W); keep (B, 1, 1, L) bool
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2))
+        return x + self.mlp(self.norm2(x))
+
+
+class ToyTextEncoder(nn.Module):
+    """Word-level tokens -> (per-token states (B, 16, W), pooled (B, W)), SD3's (context, y) in miniature.
+
+    Like CLIP it is a transformer over ``<bos> words <eos> <pad>...``, and the pooled vector is the
+    final state at ``<eos>``; unlike CLIP it is bidirectional, and it is trained together with the
+    MM-DiT. The empty caption is the unconditional input of classifier-free guidance.
+    """
+
+    def __init__(self, width: int = 128, layers: int = 2, heads: int = 2):
+        super().__init__()
+        self.token_embedding = nn.Embedding(len(VOCAB), width)
+        self.position_embedding = nn.Parameter(torch.randn(MAX_TOKENS, width) * 0.02)
+        self.blocks = nn.ModuleList([TextBlock(width, heads) for _ in range(layers)])
+        self.final_norm = nn.LayerNorm(width)
+        self.config = dict(width=width, layers=layers, heads=heads)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> (B, 16) ids; unknown words become <unk> with a warning that names them."""
+        index = {w: i for i, w in enumerate(VOCAB)}
+        rows, unknown = [], set()
+        for p in prompts:
+            words = p.lower().replace(",", " ").split()
+            unknown |= {w for w in words if w not in index}
+            ids = [1] + [index.get(w, 3) for w in words][: MAX_TOKENS - 2] + [2]
+            rows.append(ids + [0] * (MAX_TOKENS - len(ids)))
+        if unknown:
+            warnings.warn(f"words outside the tiny model's vocabulary are ignored: {sorted(unknown)}. "
+                          f"It knows: {' '.join(WORDS)}", stacklevel=3)
+        return torch.tensor(rows, device=self.token_embedding.weight.device)
+
+    def forward(self, tokens: torch.Tensor):
+        keep = (tokens != 0)[:, None, None, :]
+        x = self.token_embedding(tokens) + self.position_embedding[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x, keep)
+        x = self.final_norm(x)
+        pooled = x[torch.arange(len(tokens), device=tokens.device), (tokens == 2).int().argmax(dim=1)]
+        return x, pooled
+
+    def encode(self, prompts: list[str]):
+        """The pipeline's interface: prompts -> (context (B, 16, W), pooled (B, W))."""
+        return self(self.tokenize(prompts))
+
+
+class PixelSpace(nn.Module):
+    """The identity in place of the VAE: the tiny model denoises pixels directly (``downscale`` 1)."""
+
+    downscale = 1
+
+    def encode(self, image, generator=None):
+        return image
+
+    def decode(self, z):
+        return z
+
+
+def toy_mmdit_config(width: int = 128, depth: int = 4, patch: int = 4, text_width: int = 128,
+                     image_size: int = 32, channels: int = 3) -> MMDiTConfig:
+    """SD3's architecture at toy size: QK-norm (as SD3.5), head size 64, position grid for 64 x 64 images."""
+    return MMDiTConfig(depth=depth, hidden_size=width, num_heads=width // 64, patch_size=patch,
+                       in_channels=channels, pos_embed_max_size=2 * image_size // patch,
+                       adm_in_channels=text_width, context_in_dim=text_width, qk_norm=True)
+
+
+SHIPPED = "assets/toy_sd3.safetensors"
+
+
+def shipped_path() -> Path:
+    return Path(str(resources.files("sd3mini").joinpath(SHIPPED)))
+
+
+def load_toy(path=None, device="cpu"):
+    """(mmdit, text_encoder, metadata) from a toy checkpoint (default: the one shipped with sd3mini)."""
+    from ..checkpoint import file_metadata
+    from ..loading import build, state_dict_of
+
+    path = Path(path) if path is not None else shipped_path()
+    if not path.exists():
+        raise FileNotFoundError(f"no tiny-model weights at {path}; train them with `python -m sd3mini train-toy`")
+    meta = json.loads(file_metadata(path)["sd3mini_toy"])
+    sd = state_dict_of(path)
+    mmdit_cfg = MMDiTConfig(**{**meta["mmdit"], "x_block_self_attn_layers": tuple(meta["mmdit"]["x_block_self_attn_layers"])})
+    mmdit = build(lambda: MMDiT(mmdit_cfg), {k[6:]: v for k, v in sd.items() if k.startswith("mmdit.")},
+                  what="tiny MM-DiT", device=device, dtype=torch.float32)
+    text = build(lambda: ToyTextEncoder(**meta["text"]), {k[5:]: v for k, v in sd.items() if k.startswith("text.")},
+                 what="tiny text encoder", device=device, dtype=torch.float32)
+    return mmdit, text, meta
+
+
+def toy_pipeline(path=None, device="cpu"):
+    """An ``SD3Pipeline`` of the tiny model: text -> 32 x 32 image on a CPU in a fraction of a second."""
+    from ..pipeline import SD3Pipeline
+
+    mmdit, text, meta = load_toy(path, device)
+    pipe = SD3Pipeline(mmdit, PixelSpace(), text, model="toy", device=device,
+                       latent_scale=meta["latent_scale"], latent_shift=meta["latent_shift"])
+    pipe.defaults = dict(meta["defaults"])
+    pipe.default_size = meta["image_size"]
+    return pipe
