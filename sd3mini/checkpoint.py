@@ -50,15 +50,18 @@ def read_header(path) -> dict:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(
-                f"{path} is a PyTorch pickle (.ckpt/.pt/.bin), not safetensors. sd3mini reads only .safetensors "
-                "files, because unpickling can run arbitrary code. Download the .safetensors version of the model.")
-        if head[:4] == b"GGUF":
-            raise CheckpointError(f"{path} is a GGUF (quantized) file; sd3mini reads only .safetensors files.")
+        # A safetensors file starts with its header's length (8 bytes, little-endian), then "{".
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 1 or n > min(size - 8, 100_000_000):
+        plausible = 1 < n <= min(size - 8, 100_000_000) and f.read(1) == b"{"
+        if not plausible:
+            if head[:2] == b"PK" or head[:1] == b"\x80":
+                raise CheckpointError(
+                    f"{path} is a PyTorch pickle (.ckpt/.pt/.bin), not safetensors. sd3mini reads only .safetensors "
+                    "files, because unpickling can run arbitrary code. Download the .safetensors version of the model.")
+            if head[:4] == b"GGUF":
+                raise CheckpointError(f"{path} is a GGUF (quantized) file; sd3mini reads only .safetensors files.")
             raise CheckpointError(f"{path} is not a safetensors file ({size} bytes; no valid header).")
+        f.seek(8)
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

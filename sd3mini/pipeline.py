@@ -8,19 +8,21 @@ negative prompt, draw seeded noise on the CPU, sample with CFG, ``process_out``,
 [-1, 1] into 8-bit pixels.
 """
 
+import gc
 import random
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .checkpoint import open_state_dict
+from .checkpoint import open_state_dict, state_dict_of
 from .flow import LATENT_SCALE, LATENT_SHIFT, process_in, process_out
-from .loading import TEXT_ENCODERS, download, hub_download, load_mmdit, load_text_encoder, load_vae
+from .loading import (TEXT_ENCODERS, download, hub_download, load_mmdit, load_text_encoder, load_vae,
+                      mmdit_state_dict, vae_state_dict)
 from .mmdit import MMDiTConfig
 from .sampling import make_noise, sample
 from .text import SD3TextEncoder, SD3Tokenizer, clip_tokenizer
-from .vae import image_to_tensor, tensor_to_images
+from .vae import VAEConfig, image_to_tensor, tensor_to_images
 
 # Defaults per model, from the reference's sd3_infer.CONFIGS. SD3-medium: shift 3.0, not the 1.0 of
 # the sd3.5 repository's CONFIGS: the SD3 release reference (sd3-ref) says "publicly released models
@@ -35,7 +37,7 @@ MODEL_DEFAULTS = {
 }
 # Skip-layer guidance of the reference (only SD3.5-medium defines it); enable with slg=True.
 DEFAULT_SLG = dict(scale=2.5, start=0.01, end=0.20, layers=(7, 8, 9))
-OFFLOAD_MODES = ("none", "model")
+OFFLOAD_MODES = ("none", "model", "sequential")
 
 
 def detect_model(config: MMDiTConfig, filename: str = "") -> str:
@@ -91,7 +93,8 @@ class SD3Pipeline:
         self.last_seed = None
         if offload == "none":
             for m in (mmdit, vae, text_encoder):
-                m.to(self.device)
+                if not isinstance(m, OnDisk):
+                    m.to(self.device)
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -110,21 +113,15 @@ class SD3Pipeline:
             kinds = tuple(k for k in TEXT_ENCODERS if not (k == "t5xxl" and no_t5))
             paths = download(str(path), text_encoders=kinds, token=token)
             path, clip_l, clip_g, t5xxl = paths["model"], paths["clip_l"], paths["clip_g"], paths.get("t5xxl")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or default_dtype(device)
-        place = "cpu" if offload != "none" else device
         sd = open_state_dict(path)
-        mmdit = load_mmdit(sd, device=place, dtype=dtype)
-        vae = load_vae(sd, device=place, dtype=_vae_dtype(dtype))
-        encoders = {}
+        sources = {"mmdit": path, "vae": path}
         for kind, given in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl)):
-            if kind == "t5xxl" and no_t5:
-                continue
-            src = given or _find_text_encoder(sd, Path(path), kind)
-            encoders[kind] = load_text_encoder(src, kind, device=place, dtype=dtype)
-        text = SD3TextEncoder(encoders["clip_l"], encoders["clip_g"], encoders.get("t5xxl"),
-                              _tokenizer(tokenizer, need_t5=not no_t5, token=token), mmdit.config.context_in_dim)
-        return cls(mmdit, vae, text, model=detect_model(mmdit.config, path), device=device, offload=offload)
+            if not (kind == "t5xxl" and no_t5):
+                found = given or _find_text_encoder(sd, Path(path), kind)
+                sources[kind] = path if found is sd else found
+        del sd
+        tokenizer = _tokenizer(tokenizer, need_t5=not no_t5, token=token)
+        return cls._from_sources(sources, tokenizer, name=str(path), device=device, dtype=dtype, offload=offload)
 
     @classmethod
     def from_pretrained(cls, path_or_repo, *, no_t5: bool = False, device=None, dtype=None, offload: str = "none",
@@ -136,33 +133,68 @@ class SD3Pipeline:
             patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
                         "tokenizer/*", "tokenizer_2/*"] + ([] if no_t5 else ["text_encoder_3/*", "tokenizer_3/*"])
             root = hub_download(str(path_or_repo), token=token, allow_patterns=patterns)
+        sources = {"mmdit": root / "transformer", "vae": root / "vae", "clip_l": root / "text_encoder",
+                   "clip_g": root / "text_encoder_2"}
+        if not no_t5 and (root / "text_encoder_3").is_dir():
+            sources["t5xxl"] = root / "text_encoder_3"
+        tokenizer = _tokenizer(root if (root / "tokenizer").is_dir() else None, need_t5="t5xxl" in sources, token=token)
+        return cls._from_sources(sources, tokenizer, name=root.name, device=device, dtype=dtype, offload=offload)
+
+    @classmethod
+    def _from_sources(cls, sources: dict, tokenizer, *, name, device, dtype, offload) -> "SD3Pipeline":
+        """Build the pipeline from one source (path) per component.
+
+        ``offload="none"``: every component on ``device``. ``"model"``: in host memory, each visits the
+        device while it runs. ``"sequential"``: nothing is loaded now; each component is read from its
+        memory-mapped file straight onto the device right before its stage and freed after it.
+        """
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or default_dtype(device)
-        place = "cpu" if offload != "none" else device
-        mmdit = load_mmdit(root / "transformer", device=place, dtype=dtype)
-        vae = load_vae(root / "vae", device=place, dtype=_vae_dtype(dtype))
-        clip_l = load_text_encoder(root / "text_encoder", "clip_l", device=place, dtype=dtype)
-        clip_g = load_text_encoder(root / "text_encoder_2", "clip_g", device=place, dtype=dtype)
-        t5 = None
-        if not no_t5 and (root / "text_encoder_3").is_dir():
-            t5 = load_text_encoder(root / "text_encoder_3", "t5xxl", device=place, dtype=dtype)
-        tokenizer = _tokenizer(root if (root / "tokenizer").is_dir() else None, need_t5=t5 is not None, token=token)
-        text = SD3TextEncoder(clip_l, clip_g, t5, tokenizer, mmdit.config.context_in_dim)
-        return cls(mmdit, vae, text, model=detect_model(mmdit.config, root.name), device=device, offload=offload)
+        place = device if offload != "model" else torch.device("cpu")
+        lazy = offload == "sequential"
+
+        def component(load, src, *args, dtype=dtype, **attrs):
+            make = lambda: load(src, *args, device=place, dtype=dtype)  # noqa: E731
+            return OnDisk(make, **attrs) if lazy else make()
+
+        mmdit_config = MMDiTConfig.from_state_dict(mmdit_state_dict(state_dict_of(sources["mmdit"])))
+        vae_config = VAEConfig.from_state_dict(vae_state_dict(state_dict_of(sources["vae"])))
+        mmdit = component(load_mmdit, sources["mmdit"], config=mmdit_config)
+        vae = component(load_vae, sources["vae"], dtype=_vae_dtype(dtype), downscale=2 ** (len(vae_config.ch_mult) - 1))
+        encoders = {kind: component(load_text_encoder, src, kind) for kind, src in sources.items()
+                    if kind in TEXT_ENCODERS}
+        if lazy:   # the text encoders load one at a time, each when it is called
+            encoders = {kind: LoadOnCall(enc.load) for kind, enc in encoders.items()}
+        text = SD3TextEncoder(encoders["clip_l"], encoders["clip_g"], encoders.get("t5xxl"), tokenizer,
+                              mmdit_config.context_in_dim)
+        return cls(mmdit, vae, text, model=detect_model(mmdit_config, name), device=device, offload=offload)
 
     # --- running ---------------------------------------------------------------------------------
     @contextmanager
-    def _on_device(self, module):
-        """Model offload: a component visits the GPU only while it runs."""
-        if self.offload == "model":
-            module.to(self.device)
-        try:
-            yield module
-        finally:
-            if self.offload == "model":
-                module.to("cpu")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+    def _stage(self, component):
+        """The component, on the device, for the duration of one stage.
+
+        offload "none": it is there already. "model": it moves from host memory to the device and back.
+        "sequential" (an ``OnDisk``): it is read from its file now and freed when the stage ends.
+        """
+        if isinstance(component, OnDisk):
+            module = component.load()
+            try:
+                yield module
+            finally:
+                del module
+                free_memory(self.device)
+        elif self.offload == "model":
+            component.to(self.device)
+            try:
+                yield component
+            finally:
+                component.to("cpu")
+                free_memory(self.device)
+        else:
+            yield component
 
     @property
     def vae_scale(self) -> int:
@@ -199,43 +231,80 @@ class SD3Pipeline:
             raise ValueError(f"denoise must be in (0, 1], got {denoise}")
         seed = random.randrange(2**31) if seed is None else int(seed)
         self.last_seed = seed
-        hint = "Use bf16 (an Ampere or newer GPU), or load this component in float32."
 
-        # 1. text -> (context, pooled); the negative prompt is encoded like any prompt
+        # Each stage is a method, so the modules it loaded are released when it returns.
         guided = cfg_scale != 1.0   # at cfg 1 the unconditional pass cancels out: skip it
-        with self._on_device(self.text_encoder) as te:
-            context, pooled = te.encode(prompts + negatives if guided else prompts)
-        check_finite("the text encoder", context, "T5-XXL overflows in float16: keep it in float32 or on the CPU. " + hint)
-        context, pooled = context.to(self.device), pooled.to(self.device)
-        n = len(prompts)
-        cond = (context[:n], pooled[:n])
-        uncond = (context[n:], pooled[n:]) if guided else None
-
-        # 2. noise (and the init latent) -> sampled latent
-        latent_hw = (height // self.vae_scale, width // self.vae_scale)
-        noise = make_noise(seed, (cfg.in_channels, *latent_hw), batch=n).to(self.device)
+        cond, uncond = self._encode_text(prompts, negatives if guided else None)
+        noise = make_noise(seed, (cfg.in_channels, height // self.vae_scale, width // self.vae_scale),
+                           batch=len(prompts)).to(self.device)
         init_latent = None
         if init_image is not None:
-            with self._on_device(self.vae) as vae:
-                pixels = image_to_tensor(init_image, width, height).to(self.device, _dtype(vae))
-                z = vae.encode(pixels, generator=torch.Generator().manual_seed(seed)).float()
-            init_latent = process_in(z, *self.latent_format).expand(n, -1, -1, -1)
-        with self._on_device(self.mmdit) as mmdit:
-            latent = sample(mmdit, noise, cond, uncond, steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
-                            init_latent=init_latent, denoise=denoise if init_image is not None else 1.0, slg=slg,
-                            progress=progress)
-        check_finite("the MM-DiT", latent, hint)
-
-        # 3. latent -> pixels
-        with self._on_device(self.vae) as vae:
-            image = vae.decode(process_out(latent, *self.latent_format).to(_dtype(vae))).float()
-        check_finite("the VAE decoder", image, "Decode in float32 or bf16. " + hint)
-        images = tensor_to_images(image)
+            init_latent = self._encode_image(init_image, width, height, seed).expand(len(prompts), -1, -1, -1)
+        latent = self._denoise(noise, cond, uncond, steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
+                               init_latent=init_latent, denoise=denoise if init_image is not None else 1.0, slg=slg,
+                               progress=progress)
+        images = tensor_to_images(self._decode(latent))
         for i, im in enumerate(images):
             im.info["parameters"] = (f"prompt: {prompts[i]!r}; negative: {negatives[i]!r}; seed: {seed + i}; "
                                      f"steps: {steps}; cfg: {cfg_scale}; shift: {shift}; sampler: {sampler}; "
                                      f"size: {width}x{height}; model: {self.model}")
         return images
+
+    def _encode_text(self, prompts, negatives):
+        """Prompts (and negative prompts, encoded like any prompt) -> cond, uncond = (context, pooled)."""
+        with self._stage(self.text_encoder) as te:
+            context, pooled = te.encode(prompts + (negatives or []))
+        check_finite("the text encoder", context, "T5-XXL overflows in float16: load it with dtype=torch.float16 "
+                     "through sd3mini (its feed-forward outputs stay float32), in bfloat16, or in float32.")
+        context, pooled = context.to(self.device), pooled.to(self.device)
+        n = len(prompts)
+        return (context[:n], pooled[:n]), ((context[n:], pooled[n:]) if negatives else None)
+
+    def _encode_image(self, image, width, height, seed):
+        with self._stage(self.vae) as vae:
+            pixels = image_to_tensor(image, width, height).to(self.device, _dtype(vae))
+            z = vae.encode(pixels, generator=torch.Generator().manual_seed(seed)).float()
+        return process_in(z, *self.latent_format)
+
+    def _denoise(self, noise, cond, uncond, **kwargs):
+        with self._stage(self.mmdit) as mmdit:
+            latent = sample(mmdit, noise, cond, uncond, **kwargs)
+        check_finite("the MM-DiT", latent, "Use bf16 (an Ampere or newer GPU) or float32.")
+        return latent
+
+    def _decode(self, latent):
+        with self._stage(self.vae) as vae:
+            image = vae.decode(process_out(latent, *self.latent_format).to(_dtype(vae))).float()
+        check_finite("the VAE decoder", image, "Decode in float32 or bfloat16 (sd3mini does so when the rest is float16).")
+        return image
+
+
+class OnDisk:
+    """A component left in its file: ``load()`` reads it (memory-mapped) onto the device when its stage
+    comes. ``attrs`` are what the pipeline needs to know without loading it (``config``, ``downscale``)."""
+
+    def __init__(self, load, **attrs):
+        self.load = load
+        self.__dict__.update(attrs)
+
+
+class LoadOnCall(OnDisk):
+    """A text encoder left in its file: every call loads it, runs it and frees it (sequential offload)."""
+
+    def __call__(self, *args, **kwargs):
+        module = self.load()
+        try:
+            return module(*args, **kwargs)
+        finally:
+            device = next(module.parameters()).device
+            del module
+            free_memory(device)
+
+
+def free_memory(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def image_grid(images, cols: int, upscale: int = 1, gap: int = 0):

@@ -207,8 +207,9 @@ class SD3Tokenizer:
         ids = [t for w in _words(self.t5, text) for t in w] + [self.t5.eos_token_id]
         return ids + [self.t5.pad_token_id] * max(0, T5_MIN_LENGTH - len(ids))
 
-    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor | None]:
+    def __call__(self, prompts: str | list[str]) -> dict[str, torch.Tensor | None]:
         """-> {"l": (B, 77), "g": (B, 77), "t5": (B, N) or None}; T5 rows are padded to the longest."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
         clip = [self._clip_words(p) for p in prompts]
         tokens = {
             "l": torch.tensor([self._pad_clip(ids, pad_id=CLIP_EOS) for ids in clip]),
@@ -263,5 +264,5 @@ class SD3TextEncoder(nn.Module):
         if t5 is not None and self.tokenizer.t5 is None:
             raise ValueError("a T5 encoder needs a T5 tokenizer: SD3Tokenizer(t5=...)")
 
-    def encode(self, prompts: list[str]):
+    def encode(self, prompts: str | list[str]):
         return encode_prompt(self.tokenizer(prompts), self.clip_l, self.clip_g, self.t5, self.context_dim)

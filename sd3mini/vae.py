@@ -110,8 +110,15 @@ class Level(nn.Module):
     def __init__(self, blocks: list[nn.Module], resample: nn.Module | None = None, name: str = "downsample"):
         super().__init__()
         self.block = nn.ModuleList(blocks)
+        self.resample_name = name
         if resample is not None:
             self.add_module(name, resample)
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        resample = getattr(self, self.resample_name, None)
+        return resample(x) if resample is not None else x
 
 
 class Mid(nn.Module):
@@ -146,10 +153,7 @@ class VAEEncoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -179,10 +183,7 @@ class VAEDecoder(nn.Module):
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

@@ -232,3 +232,41 @@ def test_gated_repo_message(monkeypatch, error):
     assert "accept the licence on https://huggingface.co/stabilityai/stable-diffusion-3-medium" in str(e.value)
     with pytest.raises(ValueError, match="unknown model"):
         sd3mini.download("sd4")
+
+
+def test_t5_float16_overflow_is_avoided(models, tmp_path):
+    """T5's feed-forward output can exceed float16's 65504 (real T5-XXL does): sd3mini keeps that layer in
+    float32; a plain .half() loses the values (transformers clamps them) and the output is wrong."""
+    t5 = tiny_text_encoders()["t5xxl"]
+    with torch.no_grad():
+        for block in t5.transformer.encoder.block:
+            block.layer[1].DenseReluDense.wo.weight.mul_(40000.0)
+    save_single_file(tmp_path / "t5.safetensors", t5xxl=t5)
+    tokens = torch.randint(0, 64, (1, 77), generator=torch.Generator().manual_seed(0))
+    peak = {}
+    t5.transformer.encoder.block[0].layer[1].DenseReluDense.wo.register_forward_hook(
+        lambda m, a, out: peak.update(wo=out.abs().max().item()))   # (a hook must return None)
+    with torch.no_grad():
+        reference = t5(tokens)[0]
+        ours = sd3mini.load_text_encoder(tmp_path / "t5.safetensors", "t5xxl", dtype=torch.float16)(tokens)[0]
+        naive = sd3mini.load_text_encoder(tmp_path / "t5.safetensors", "t5xxl").half()(tokens)[0]
+    assert peak["wo"] > 65504                                    # the overflow is real in this test
+    assert ours.dtype == torch.float16 and ours.isfinite().all()
+    assert (ours.float() - reference).abs().max() < 0.05
+    assert (naive.float() - reference).abs().max() > 1.0
+
+
+def test_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
+    """A valid file whose 8-byte header length starts with byte 0x80 (a pickle's first byte) must load."""
+    from safetensors.torch import save_file
+
+    for n in range(1, 400):
+        path = tmp_path / "m.safetensors"
+        save_file({f"w{i}": torch.zeros(1) for i in range(n)}, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no header length with low byte 0x80 found")
+    from sd3mini.checkpoint import open_state_dict
+
+    assert len(open_state_dict(path)) == n

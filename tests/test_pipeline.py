@@ -127,6 +127,30 @@ def test_from_single_file_with_text_encoders_beside_it(pipe, tmp_path):
                                              tokenizer=sd3mini.SD3Tokenizer(t5=tiny_t5_tokenizer()), device="cpu")
 
 
+def test_sequential_offload_loads_each_stage_and_frees_it(pipe, tmp_path):
+    """offload="sequential": nothing is loaded up front; each component is read from its file for its stage
+    and released after it, and the pixels are the same as with everything resident."""
+    import weakref
+
+    from sd3mini.pipeline import LoadOnCall, OnDisk
+
+    encs = tiny_text_encoders()
+    path = tmp_path / "tiny_incl_clips_t5.safetensors"
+    save_single_file(path, mmdit=pipe.mmdit, vae=pipe.vae, clip_l=encs["clip_l"], clip_g=encs["clip_g"],
+                     t5xxl=encs["t5xxl"])
+    seq = sd3mini.SD3Pipeline.from_single_file(path, tokenizer=sd3mini.SD3Tokenizer(t5=tiny_t5_tokenizer()),
+                                               device="cpu", offload="sequential")
+    components = [seq.mmdit, seq.vae, seq.text_encoder.clip_l, seq.text_encoder.clip_g, seq.text_encoder.t5]
+    assert isinstance(seq.mmdit, OnDisk) and isinstance(seq.text_encoder.t5, LoadOnCall)
+    loaded = []
+    for comp in components:
+        comp.load = (lambda load: lambda: loaded.append(weakref.ref(m := load())) or m)(comp.load)
+    images = seq("a red circle", seed=5, **KW)
+    assert np.array_equal(pixels(images), pixels(pipe("a red circle", seed=5, **KW)))
+    assert len(loaded) == 5                                     # each component read exactly once
+    assert all(ref() is None for ref in loaded)                 # and none of them is still alive
+
+
 def test_from_pretrained_diffusers_folder(pipe, tmp_path):
     from sd3mini.convert import save_diffusers
 

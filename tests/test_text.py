@@ -26,6 +26,7 @@ def test_clip_layout_and_padding(tok):
     words = [320, 1125, 539, 320, 2368]
     assert t["l"][0].tolist() == [49406, *words, 49407] + [49407] * 70      # CLIP-L pads with end-of-text
     assert t["g"][0].tolist() == [49406, *words, 49407] + [0] * 70          # CLIP-G pads with 0
+    assert torch.equal(tok("a photo of a cat")["l"], t["l"])              # one string or a list
     empty = tok([""])
     assert empty["l"][0, :3].tolist() == [49406, 49407, 49407] and empty["g"][0, :3].tolist() == [49406, 49407, 0]
 

@@ -60,8 +60,9 @@ class ToyTextEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(width)
         self.config = dict(width=width, layers=layers, heads=heads)
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts -> (B, 16) ids; unknown words become <unk> with a warning that names them."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
         index = {w: i for i, w in enumerate(VOCAB)}
         rows, unknown = [], set()
         for p in prompts:
@@ -83,7 +84,7 @@ class ToyTextEncoder(nn.Module):
         pooled = x[torch.arange(len(tokens), device=tokens.device), (tokens == 2).int().argmax(dim=1)]
         return x, pooled
 
-    def encode(self, prompts: list[str]):
+    def encode(self, prompts: str | list[str]):
         """The pipeline's interface: prompts -> (context (B, 16, W), pooled (B, W))."""
         return self(self.tokenize(prompts))
 
