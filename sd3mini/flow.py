@@ -37,7 +37,8 @@ def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Shift t towards noise: ``shift*t / (1 + (shift-1)*t)``.
 
     Larger images keep more of their structure at a given noise level, so SD3 spends more of the
-    schedule at high noise (paper section 5.3.2); shift = 3 is used for all released models.
+    schedule at high noise (paper section 5.3.2). sd3mini uses 3.0 for every official model (the SD3
+    release reference; the sd3.5 repository lists 1.0 for SD3-medium).
     """
     if shift == 1.0:
         return t
@@ -76,6 +77,8 @@ def sample_t(n: int, kind: str = "logit_normal", *, m: float = 0.0, s: float = 1
     if kind == "uniform":
         return u
     if kind == "mode":
+        if not -1 <= mode_scale <= 2 / (math.pi - 2):   # outside, the map leaves [0, 1] / is not monotone
+            raise ValueError(f"mode_scale must be in [-1, {2 / (math.pi - 2):.4f}], got {mode_scale}")
         return 1 - u - mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
     if kind == "cosmap":
         return 1 - 1 / (torch.tan(math.pi / 2 * u) + 1)
@@ -90,8 +93,11 @@ def t_density(t: torch.Tensor, kind: str = "logit_normal", *, m: float = 0.0, s:
     if kind == "uniform":
         return torch.ones_like(t)
     if kind == "logit_normal":
-        logit = torch.log(t / (1 - t))
-        return torch.exp(-((logit - m) ** 2) / (2 * s**2)) / (s * math.sqrt(2 * math.pi) * t * (1 - t))
+        inside = (t > 0) & (t < 1)
+        tc = t.clamp(1e-12, 1 - 1e-12)
+        logit = torch.log(tc / (1 - tc))
+        density = torch.exp(-((logit - m) ** 2) / (2 * s**2)) / (s * math.sqrt(2 * math.pi) * tc * (1 - tc))
+        return torch.where(inside, density, torch.zeros_like(t))   # -> 0 at both ends
     if kind == "cosmap":
         return 2 / (math.pi - 2 * math.pi * t + 2 * math.pi * t**2)
     raise ValueError(f"no closed-form density for {kind!r}")

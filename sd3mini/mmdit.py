@@ -95,6 +95,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     Frequencies run geometrically from 1 down to 1/max_period. Computed in float32 whatever the
     model dtype. For an odd ``dim`` a zero column is appended.
     """
+    t = t.reshape(-1)
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]

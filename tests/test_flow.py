@@ -43,6 +43,9 @@ def test_mode_sampler():
     assert u.shape == (11,)
     with pytest.raises(ValueError, match="unknown timestep sampler"):
         flow.sample_t(3, "beta")
+    with pytest.raises(ValueError, match="mode_scale must be in"):
+        flow.sample_t(3, "mode", mode_scale=-2.0)
+    assert flow.t_density(torch.tensor([0.0, 1.0])).tolist() == [0.0, 0.0]        # logit-normal vanishes at the ends
 
 
 def test_time_shift():
