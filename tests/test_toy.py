@@ -119,6 +119,13 @@ def test_batches_depend_on_rank_and_step():
     assert not torch.equal(a[0], training_batch(r, 4, 0, 1.0, 0.0)[0])
 
 
+def test_singles_first_curriculum():
+    r = Recipe(**TINY | {"singles_first": 5, "p_pair": 1.0, "cfg_drop": 0.0})
+    before, after = training_batch(r, 4, 0, 1.0, 0.0)[1], training_batch(r, 5, 0, 1.0, 0.0)[1]
+    assert all(data.parse_caption(c)["relation"] is None for c in before)       # single objects only
+    assert all(data.parse_caption(c)["relation"] is not None for c in after)    # then the configured mix
+
+
 def test_ddp_two_cpu_ranks(tmp_path):
     """torchrun with 2 gloo ranks: they train on different batches and end with identical weights."""
     args = [f"--{k.replace('_', '-')}={v}" for k, v in (TINY | {"steps": 3}).items()]

@@ -52,13 +52,14 @@ class ToyTextEncoder(nn.Module):
     MM-DiT. The empty caption is the unconditional input of classifier-free guidance.
     """
 
-    def __init__(self, width: int = 128, layers: int = 2, heads: int = 2):
+    def __init__(self, width: int = 128, layers: int = 2, heads: int = 2, pool: str = "eos"):
         super().__init__()
+        self.pool = pool
         self.token_embedding = nn.Embedding(len(VOCAB), width)
         self.position_embedding = nn.Parameter(torch.randn(MAX_TOKENS, width) * 0.02)
         self.blocks = nn.ModuleList([TextBlock(width, heads) for _ in range(layers)])
         self.final_norm = nn.LayerNorm(width)
-        self.config = dict(width=width, layers=layers, heads=heads)
+        self.config = dict(width=width, layers=layers, heads=heads, pool=pool)
 
     def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts -> (B, 16) ids; unknown words become <unk> with a warning that names them."""
@@ -81,8 +82,10 @@ class ToyTextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, keep)
         x = self.final_norm(x)
-        pooled = x[torch.arange(len(tokens), device=tokens.device), (tokens == 2).int().argmax(dim=1)]
-        return x, pooled
+        if self.pool == "mean":        # the mean of the real (non-pad) tokens' states
+            real = (tokens != 0).unsqueeze(-1).to(x.dtype)
+            return x, (x * real).sum(1) / real.sum(1)
+        return x, x[torch.arange(len(tokens), device=tokens.device), (tokens == 2).int().argmax(dim=1)]
 
     def encode(self, prompts: str | list[str]):
         """The pipeline's interface: prompts -> (context (B, 16, W), pooled (B, W))."""
@@ -102,9 +105,9 @@ class PixelSpace(nn.Module):
 
 
 def toy_mmdit_config(width: int = 128, depth: int = 4, patch: int = 4, text_width: int = 128,
-                     image_size: int = 32, channels: int = 3) -> MMDiTConfig:
-    """SD3's architecture at toy size: QK-norm (as SD3.5), head size 64, position grid for 64 x 64 images."""
-    return MMDiTConfig(depth=depth, hidden_size=width, num_heads=width // 64, patch_size=patch,
+                     image_size: int = 32, channels: int = 3, heads: int = 2) -> MMDiTConfig:
+    """SD3's architecture at toy size: QK-norm (as SD3.5), a position grid for up to 64 x 64 images."""
+    return MMDiTConfig(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch,
                        in_channels=channels, pos_embed_max_size=2 * image_size // patch,
                        adm_in_channels=text_width, context_in_dim=text_width, qk_norm=True)
 

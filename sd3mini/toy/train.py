@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import file_metadata, open_state_dict, save_state_dict
-from ..flow import TIMESTEP_SAMPLERS, flow_matching_loss, interpolate, process_in, sample_t
+from ..flow import TIMESTEP_SAMPLERS, flow_matching_loss, interpolate, process_in, sample_t, time_shift
 from ..mmdit import MMDiT
 from . import data
 from .model import ToyTextEncoder, toy_mmdit_config
@@ -34,7 +34,7 @@ from .model import ToyTextEncoder, toy_mmdit_config
 @dataclass
 class Recipe:
     """Everything that defines a run (stored in its checkpoints)."""
-    steps: int = 12000
+    steps: int = 14000
     batch: int = 48                    # per rank
     lr: float = 1e-3
     warmup: int = 200
@@ -42,13 +42,17 @@ class Recipe:
     grad_clip: float = 1.0
     ema: float = 0.999
     t_sampler: str = "logit_normal"
+    t_shift: float = 3.0               # time_shift applied to the sampled t (and the sampling schedule)
     cfg_drop: float = 0.1              # fraction of empty captions (the CFG null condition)
-    p_pair: float = 0.6                # fraction of two-object scenes
+    p_pair: float = 0.5                # fraction of two-object scenes
+    singles_first: int = 2000          # steps of single objects only, before pairs are mixed in
     width: int = 128
     depth: int = 4
+    heads: int = 2
     patch: int = 4
     text_width: int = 128
     text_layers: int = 2
+    text_pool: str = "eos"
     seed: int = 0
 
 
@@ -57,8 +61,8 @@ class ToySD3(nn.Module):
 
     def __init__(self, r: Recipe):
         super().__init__()
-        self.text = ToyTextEncoder(width=r.text_width, layers=r.text_layers, heads=max(1, r.text_width // 64))
-        self.mmdit = MMDiT(toy_mmdit_config(r.width, r.depth, r.patch, r.text_width)).initialize_weights()
+        self.text = ToyTextEncoder(width=r.text_width, layers=r.text_layers, heads=r.heads, pool=r.text_pool)
+        self.mmdit = MMDiT(toy_mmdit_config(r.width, r.depth, r.patch, r.text_width, heads=r.heads)).initialize_weights()
 
     def forward(self, zt, t, tokens):
         context, pooled = self.text(tokens)
@@ -74,12 +78,15 @@ def data_stats(n: int = 2048, seed: int = 999) -> tuple[float, float]:
 def training_batch(r: Recipe, step: int, rank: int, scale: float, shift: float):
     """The batch of ``step`` on ``rank``: a function of (seed, rank, step) only, so resuming is exact."""
     seed = (r.seed * 1_000_003 + rank) * 10_000_019 + step
-    images, captions, _ = data.batch(seed, r.batch, p_pair=r.p_pair)
+    # A curriculum: measured here, a model fed the 60/40 mix from step 0 never learned grid position
+    # in 1.5k steps (cell 0.1), while single objects alone taught it in 500 (cell 0.97).
+    p_pair = 0.0 if step < r.singles_first else r.p_pair
+    images, captions, _ = data.batch(seed, r.batch, p_pair=p_pair)
     rng = random.Random(seed)
     captions = ["" if rng.random() < r.cfg_drop else c for c in captions]
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(images.shape, generator=gen)
-    t = sample_t(r.batch, r.t_sampler, generator=gen)
+    t = time_shift(sample_t(r.batch, r.t_sampler, generator=gen), r.t_shift)
     return process_in(images, scale, shift), captions, noise, t
 
 
@@ -114,7 +121,7 @@ def export(path, ema: ToySD3, r: Recipe, scale: float, shift: float, extra: dict
     cfg = asdict(ema.mmdit.config)
     meta = {"mmdit": cfg, "text": ema.text.config, "latent_scale": scale, "latent_shift": shift,
             "image_size": data.IMAGE_SIZE, "recipe": asdict(r),
-            "defaults": dict(steps=20, cfg_scale=4.0, shift=1.0, sampler="euler")} | (extra or {})
+            "defaults": dict(steps=20, cfg_scale=4.0, shift=r.t_shift, sampler="euler")} | (extra or {})
     sd = {f"mmdit.{k}": v.half() for k, v in ema.mmdit.state_dict().items()}
     sd |= {f"text.{k}": v.half() for k, v in ema.text.state_dict().items()}
     save_state_dict(sd, path, metadata={"sd3mini_toy": json.dumps(meta)})
@@ -122,7 +129,7 @@ def export(path, ema: ToySD3, r: Recipe, scale: float, shift: float, extra: dict
 
 # --- evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(model: ToySD3, captions, *, scale, shift, steps=20, cfg_scale=4.0, seed=0, batch=100):
+def generate(model: ToySD3, captions, *, scale, shift, steps=20, cfg_scale=4.0, sample_shift=1.0, seed=0, batch=100):
     """Images (B, 3, 32, 32) in [-1, 1] for ``captions``, image i from noise seed ``seed + i``."""
     from ..flow import process_out
     from ..sampling import make_noise, sample
@@ -133,7 +140,7 @@ def generate(model: ToySD3, captions, *, scale, shift, steps=20, cfg_scale=4.0, 
         cond = model.text(model.text.tokenize(chunk))
         uncond = model.text(model.text.tokenize([""] * len(chunk))) if cfg_scale != 1.0 else None
         noise = make_noise(seed + i, (3, data.IMAGE_SIZE, data.IMAGE_SIZE), batch=len(chunk))
-        z = sample(model.mmdit, noise, cond, uncond, steps=steps, shift=1.0, cfg_scale=cfg_scale, progress=False)
+        z = sample(model.mmdit, noise, cond, uncond, steps=steps, shift=sample_shift, cfg_scale=cfg_scale, progress=False)
         out.append(process_out(z, scale, shift).clamp(-1, 1))
     return torch.cat(out)
 
@@ -201,7 +208,7 @@ def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: b
         if log is not None:
             record = {"step": step, "loss": round(loss.item(), 5), "minutes": round((time.time() - start) / 60, 3)}
             if eval_every and step % eval_every == 0:
-                record["eval"] = evaluate(ema, evals, scale=scale, shift=shift)
+                record["eval"] = evaluate(ema, evals, scale=scale, shift=shift, sample_shift=r.t_shift)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in record["eval"].items()))
             log.write(json.dumps(record) + "\n")
             log.flush()
