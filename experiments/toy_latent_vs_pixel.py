@@ -1,6 +1,7 @@
 """Pixel space or latent space for the tiny SD3, at equal CPU time?
 
-    python experiments/toy_latent_vs_pixel.py --minutes 20 --vae-minutes 5 --out runs/latent
+    python experiments/toy_latent_vs_pixel.py --minutes 14 --vae-minutes 3 --threads 1 --out runs/latent
+    # compared with: train-toy --p-pair 0 --t-shift 1 --eval-every 500 (same captions, seeds, sampler)
 
 SD3 denoises VAE latents. At 32 x 32 the question is whether a tiny VAE pays for itself: the latent
 MM-DiT sees the same number of tokens (16 x 16 x 4 latents in patches of 2 = 64 tokens, like 32 x 32 x 3
@@ -63,6 +64,7 @@ def main():
     p.add_argument("--vae-minutes", type=float, default=5)
     p.add_argument("--out", default="runs/latent")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--p-pair", type=float, default=0.0, help="as the pixel run it is compared with")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -74,7 +76,7 @@ def main():
     scale, shift = 1 / z.std().item(), z.mean().item()
     result |= {"latent_scale": scale, "latent_shift": shift}
 
-    r = Recipe()
+    r = Recipe(p_pair=args.p_pair, t_shift=1.0)
     torch.manual_seed(r.seed)
     model = ToySD3(r)
     model.mmdit = MMDiT(toy_mmdit_config(r.width, r.depth, patch=2, text_width=r.text_width, image_size=16,
@@ -111,7 +113,7 @@ def main():
         noise = make_noise(0, (VAE.z_channels, 16, 16), batch=len(captions))
         z = sample(model.mmdit, noise, cond, uncond, steps=20, shift=1.0, cfg_scale=4.0, progress=False)
         images = vae.decode(process_out(z, scale, shift)).clamp(-1, 1)
-    result |= {"dit_steps": step, "minutes": round((time.time() - t0) / 60, 2), "eval": score(images, captions),
+    result |= {"vae_minutes": args.vae_minutes, "dit_steps": step, "minutes": round((time.time() - t0) / 60, 2), "eval": score(images, captions),
                "dit_params": sum(p.numel() for p in model.parameters())}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

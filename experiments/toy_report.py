@@ -1,0 +1,108 @@
+"""Measure the tiny SD3 and write the numbers the training chapter and the README show.
+
+    python experiments/toy_report.py eval                    # the shipped model on the 300 fixed captions
+    python experiments/toy_report.py eval --ckpt runs/x/toy_sd3.safetensors
+    python experiments/toy_report.py log runs/ship           # the shipped run's curve -> notebooks/data
+    python experiments/toy_report.py ablation runs/ab_logit_normal runs/ab_uniform runs/ab_cosmap --steps 2000
+    python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out notebooks/data/toy_shift.json
+
+Evaluation protocol: ``sd3mini.toy.data.eval_captions()`` (150 fully specified single objects, 150 related
+pairs, held-out colour-shape pairs included), caption i drawn from noise seed i, the model's default
+sampler (Euler, 20 steps, shift 1) with its default CFG and without CFG, judged by ``sd3mini.toy.judge``.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sd3mini.checkpoint import file_metadata
+from sd3mini.toy import data
+from sd3mini.toy.judge import judge, score
+from sd3mini.toy.model import shipped_path, toy_pipeline
+
+OUT = Path(__file__).resolve().parents[1] / "notebooks" / "data"
+KEYS = ("colour", "shape", "size", "cell", "relation", "all")
+
+
+def summarize(results: list[dict]) -> dict:
+    return {k: round(float(np.mean([r[k] for r in results if r[k] is not None])), 4)
+            if any(r[k] is not None for r in results) else None for k in KEYS} | {"n": len(results)}
+
+
+def evaluate_checkpoint(ckpt=None, cfg_scales=(None, 1.0)) -> dict:
+    pipe = toy_pipeline(ckpt)
+    captions = data.eval_captions()
+    held = [data.uses_held_out(c) for c in captions]
+    report = {"checkpoint": str(ckpt or shipped_path().name), "captions": len(captions), "held_out_captions": sum(held),
+              "sampler": dict(pipe.defaults)}
+    for cfg in cfg_scales:
+        label = f"cfg {cfg if cfg is not None else pipe.defaults['cfg_scale']:g}"
+        t0 = time.perf_counter()
+        images = []
+        for i in range(0, len(captions), 50):          # batches of 50; caption i uses seed i
+            images += pipe(captions[i: i + 50], seed=i, cfg_scale=cfg, progress=False)
+        seconds = time.perf_counter() - t0
+        results = [judge(im, c) for im, c in zip(images, captions)]
+        report[label] = {"all_captions": summarize(results),
+                         "seen": summarize([r for r, h in zip(results, held) if not h]),
+                         "held_out": summarize([r for r, h in zip(results, held) if h]),
+                         "single_objects": summarize(results[:150]), "pairs": summarize(results[150:]),
+                         "seconds_per_image": round(seconds / len(captions), 4)}
+    gt_images, gt_captions, _ = data.batch(2024, 1000, holdout=False, dropout=True)
+    report["judge_on_ground_truth"] = {k: round(v, 4) for k, v in score(gt_images, gt_captions).items()}
+    return report
+
+
+def curve(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    meta = json.loads(file_metadata(run / "toy_sd3.safetensors")["sd3mini_toy"])
+    loss = [r["loss"] for r in rows]
+    every = 50
+    return {"recipe": meta["recipe"], "steps_trained": meta.get("steps_trained"), "minutes": rows[-1]["minutes"],
+            "loss_steps": list(range(every, len(loss) + 1, every)),
+            "loss": [round(float(np.mean(loss[i - every: i])), 5) for i in range(every, len(loss) + 1, every)],
+            "evals": [{"step": r["step"], "minutes": r["minutes"], **{k: round(v, 4) for k, v in r["eval"].items()}}
+                      for r in rows if "eval" in r]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    e = sub.add_parser("eval")
+    e.add_argument("--ckpt")
+    e.add_argument("--out", default=str(OUT / "toy_eval.json"))
+    lg = sub.add_parser("log")
+    lg.add_argument("run")
+    lg.add_argument("--out", default=str(OUT / "toy_shipped_run.json"))
+    ab = sub.add_parser("ablation")
+    ab.add_argument("runs", nargs="+")
+    ab.add_argument("--steps", type=int, required=True, help="the equal budget: compare every arm at this step")
+    ab.add_argument("--out", default=str(OUT / "toy_ablation.json"))
+    ab.add_argument("--no-final", action="store_true", help="only the training-log evals, no 300-caption eval")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.what == "eval":
+        result = evaluate_checkpoint(args.ckpt)
+    elif args.what == "log":
+        result = curve(Path(args.run))
+    else:
+        arms = {}
+        for run in map(Path, args.runs):
+            c = curve(run)
+            keep = [i for i, s in enumerate(c["loss_steps"]) if s <= args.steps]
+            arms[run.name] = {"recipe": c["recipe"], "evals": [e for e in c["evals"] if e["step"] <= args.steps],
+                              "loss_steps": [c["loss_steps"][i] for i in keep], "loss": [c["loss"][i] for i in keep],
+                              "final": None if args.no_final else evaluate_checkpoint(run / "toy_sd3.safetensors", (None,))}
+        result = {"budget_steps": args.steps, "arms": arms, "command": " ".join(sys.argv)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1)[:3000])
+
+
+if __name__ == "__main__":
+    main()
