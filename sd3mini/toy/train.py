@@ -34,10 +34,11 @@ from .model import ToyTextEncoder, toy_mmdit_config
 @dataclass
 class Recipe:
     """Everything that defines a run (stored in its checkpoints)."""
-    steps: int = 14000
+    steps: int = 20000
     batch: int = 48                    # per rank
     lr: float = 1e-3
     warmup: int = 200
+    cooldown: int = 6000               # final steps over which the learning rate falls linearly to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.999
@@ -46,6 +47,7 @@ class Recipe:
     cfg_drop: float = 0.1              # fraction of empty captions (the CFG null condition)
     p_pair: float = 0.5                # fraction of two-object scenes
     singles_first: int = 2000          # steps of single objects only, before pairs are mixed in
+    cfg_scale: float = 2.0             # the guidance the exported model samples with by default
     width: int = 128
     depth: int = 4
     heads: int = 2
@@ -67,6 +69,14 @@ class ToySD3(nn.Module):
     def forward(self, zt, t, tokens):
         context, pooled = self.text(tokens)
         return self.mmdit(zt, t * 1000, y=pooled, context=context)
+
+
+def learning_rate(r: Recipe, step: int) -> float:
+    """Warm-up, constant, then a linear cool-down to 0 over the last ``r.cooldown`` steps. The
+    schedule up to the cool-down does not depend on ``r.steps``, so a run can be extended by resuming."""
+    warm = min(1.0, (step + 1) / r.warmup)
+    cool = min(1.0, (r.steps - step) / r.cooldown) if r.cooldown else 1.0
+    return r.lr * warm * cool
 
 
 def data_stats(n: int = 2048, seed: int = 999) -> tuple[float, float]:
@@ -121,7 +131,7 @@ def export(path, ema: ToySD3, r: Recipe, scale: float, shift: float, extra: dict
     cfg = asdict(ema.mmdit.config)
     meta = {"mmdit": cfg, "text": ema.text.config, "latent_scale": scale, "latent_shift": shift,
             "image_size": data.IMAGE_SIZE, "recipe": asdict(r),
-            "defaults": dict(steps=20, cfg_scale=4.0, shift=r.t_shift, sampler="euler")} | (extra or {})
+            "defaults": dict(steps=20, cfg_scale=r.cfg_scale, shift=r.t_shift, sampler="euler")} | (extra or {})
     sd = {f"mmdit.{k}": v.half() for k, v in ema.mmdit.state_dict().items()}
     sd |= {f"text.{k}": v.half() for k, v in ema.text.state_dict().items()}
     save_state_dict(sd, path, metadata={"sd3mini_toy": json.dumps(meta)})
@@ -196,7 +206,7 @@ def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: b
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
         for group in opt.param_groups:
-            group["lr"] = r.lr * min(1.0, (step + 1) / r.warmup)
+            group["lr"] = learning_rate(r, step)
         opt.step()
         decay = min(r.ema, (1 + step) / (10 + step))       # EMA warm-up: early weights fade fast
         with torch.no_grad():
@@ -208,7 +218,8 @@ def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: b
         if log is not None:
             record = {"step": step, "loss": round(loss.item(), 5), "minutes": round((time.time() - start) / 60, 3)}
             if eval_every and step % eval_every == 0:
-                record["eval"] = evaluate(ema, evals, scale=scale, shift=shift, sample_shift=r.t_shift)
+                record["eval"] = evaluate(ema, evals, scale=scale, shift=shift, sample_shift=r.t_shift,
+                                          cfg_scale=r.cfg_scale)
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in record["eval"].items()))
             log.write(json.dumps(record) + "\n")
             log.flush()
