@@ -1,7 +1,8 @@
 """Pixel space or latent space for the tiny SD3, at equal CPU time?
 
     python experiments/toy_latent_vs_pixel.py --minutes 14 --vae-minutes 3 --threads 1 --out runs/latent
-    # compared with: train-toy --p-pair 0 --t-shift 1 --eval-every 500 (same captions, seeds, sampler)
+    python experiments/toy_latent_vs_pixel.py --minutes 14 --vae-minutes 3 --threads 1 --t-shift 3 --out runs/latent_s3
+    # compared with: train-toy --p-pair 0 --t-shift S --eval-every 500 (same captions, seeds, sampler)
 
 SD3 denoises VAE latents. At 32 x 32 the question is whether a tiny VAE pays for itself: the latent
 MM-DiT sees the same number of tokens (16 x 16 x 4 latents in patches of 2 = 64 tokens, like 32 x 32 x 3
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sd3mini.flow import flow_matching_loss, interpolate, process_in, process_out, sample_t
+from sd3mini.flow import flow_matching_loss, interpolate, process_in, process_out, sample_t, time_shift
 from sd3mini.mmdit import MMDiT
 from sd3mini.sampling import make_noise, sample
 from sd3mini.toy import data
@@ -65,6 +66,7 @@ def main():
     p.add_argument("--out", default="runs/latent")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--p-pair", type=float, default=0.0, help="as the pixel run it is compared with")
+    p.add_argument("--t-shift", type=float, default=1.0, help="time shift in training and sampling, as the pixel run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -76,7 +78,7 @@ def main():
     scale, shift = 1 / z.std().item(), z.mean().item()
     result |= {"latent_scale": scale, "latent_shift": shift}
 
-    r = Recipe(p_pair=args.p_pair, t_shift=1.0)
+    r = Recipe(p_pair=args.p_pair, t_shift=args.t_shift)
     torch.manual_seed(r.seed)
     model = ToySD3(r)
     model.mmdit = MMDiT(toy_mmdit_config(r.width, r.depth, patch=2, text_width=r.text_width, image_size=16,
@@ -89,7 +91,7 @@ def main():
         captions = ["" if (step * 7 + i) % 10 == 0 else c for i, c in enumerate(captions)]
         with torch.no_grad():
             x0 = process_in(sample_latent(vae.encoder(images), torch.randn(r.batch, VAE.z_channels, 16, 16)), scale, shift)
-        noise, t = torch.randn_like(x0), sample_t(r.batch, r.t_sampler)
+        noise, t = torch.randn_like(x0), time_shift(sample_t(r.batch, r.t_sampler), r.t_shift)
         v = model(interpolate(x0, noise, t), t, model.text.tokenize(captions))
         loss = flow_matching_loss(v, x0, noise)
         opt.zero_grad()
@@ -111,9 +113,9 @@ def main():
         cond = model.text(model.text.tokenize(captions))
         uncond = model.text(model.text.tokenize([""] * len(captions)))
         noise = make_noise(0, (VAE.z_channels, 16, 16), batch=len(captions))
-        z = sample(model.mmdit, noise, cond, uncond, steps=20, shift=1.0, cfg_scale=4.0, progress=False)
+        z = sample(model.mmdit, noise, cond, uncond, steps=20, shift=r.t_shift, cfg_scale=4.0, progress=False)
         images = vae.decode(process_out(z, scale, shift)).clamp(-1, 1)
-    result |= {"vae_minutes": args.vae_minutes, "dit_steps": step, "minutes": round((time.time() - t0) / 60, 2), "eval": score(images, captions),
+    result |= {"t_shift": r.t_shift, "p_pair": r.p_pair, "vae_minutes": args.vae_minutes, "dit_steps": step, "minutes": round((time.time() - t0) / 60, 2), "eval": score(images, captions),
                "dit_params": sum(p.numel() for p in model.parameters())}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

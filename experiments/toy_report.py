@@ -1,10 +1,11 @@
 """Measure the tiny SD3 and write the numbers the training chapter and the README show.
 
     python experiments/toy_report.py eval                    # the shipped model on the 300 fixed captions
-    python experiments/toy_report.py eval --ckpt runs/x/toy_sd3.safetensors
+    python experiments/toy_report.py eval --ckpt runs/x/toy_sd3.safetensors --cfg 1 1.5 2 3 4 6
     python experiments/toy_report.py log runs/ship           # the shipped run's curve -> notebooks/data
     python experiments/toy_report.py ablation runs/ab_logit_normal runs/ab_uniform runs/ab_cosmap --steps 2000
     python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out notebooks/data/toy_shift.json
+    python experiments/toy_report.py latent runs/latent:runs/ab_logit_normal_shift1 runs/latent_s3:runs/ab_logit_normal
 
 Evaluation protocol: ``sd3mini.toy.data.eval_captions()`` (150 fully specified single objects, 150 related
 pairs, held-out colour-shape pairs included), caption i drawn from noise seed i, the model's default
@@ -52,6 +53,8 @@ def evaluate_checkpoint(ckpt=None, cfg_scales=(None, 1.0)) -> dict:
                          "seen": summarize([r for r, h in zip(results, held) if not h]),
                          "held_out": summarize([r for r, h in zip(results, held) if h]),
                          "single_objects": summarize(results[:150]), "pairs": summarize(results[150:]),
+                         "single_held_out": summarize([r for r, h in zip(results[:150], held) if h]),
+                         "pairs_held_out": summarize([r for r, h in zip(results[150:], held[150:]) if h]),
                          "seconds_per_image": round(seconds / len(captions), 4)}
     gt_images, gt_captions, _ = data.batch(2024, 1000, holdout=False, dropout=True)
     report["judge_on_ground_truth"] = {k: round(v, 4) for k, v in score(gt_images, gt_captions).items()}
@@ -75,6 +78,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="what", required=True)
     e = sub.add_parser("eval")
     e.add_argument("--ckpt")
+    e.add_argument("--cfg", type=float, nargs="+", help="guidance scales to evaluate (default: the model's and 1)")
     e.add_argument("--out", default=str(OUT / "toy_eval.json"))
     lg = sub.add_parser("log")
     lg.add_argument("run")
@@ -84,12 +88,22 @@ def main(argv=None):
     ab.add_argument("--steps", type=int, required=True, help="the equal budget: compare every arm at this step")
     ab.add_argument("--out", default=str(OUT / "toy_ablation.json"))
     ab.add_argument("--no-final", action="store_true", help="only the training-log evals, no 300-caption eval")
+    lt = sub.add_parser("latent", help="pair latent runs (toy_latent_vs_pixel.py) with the pixel runs they match")
+    lt.add_argument("pairs", nargs="+", metavar="LATENT_DIR:PIXEL_RUN")
+    lt.add_argument("--out", default=str(OUT / "toy_latent_vs_pixel.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.what == "eval":
-        result = evaluate_checkpoint(args.ckpt)
+        result = evaluate_checkpoint(args.ckpt, tuple(args.cfg) if args.cfg else (None, 1.0))
     elif args.what == "log":
         result = curve(Path(args.run))
+    elif args.what == "latent":
+        result = {"comparisons": [], "command": " ".join(sys.argv)}
+        for pair in args.pairs:
+            latent_dir, pixel_run = map(Path, pair.split(":"))
+            c = curve(pixel_run)
+            result["comparisons"].append({"latent": json.loads((latent_dir / "result.json").read_text()),
+                                          "pixel_run": pixel_run.name, "pixel_recipe": c["recipe"], "pixel_evals": c["evals"]})
     else:
         arms = {}
         for run in map(Path, args.runs):
