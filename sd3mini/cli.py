@@ -96,7 +96,7 @@ def generate(args) -> Path:
                   cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, init_image=init,
                   denoise=args.denoise, slg=True if args.slg else None, progress=n == 1 and pipe.model != "toy")
     upscale = args.upscale or (4 if pipe.model == "toy" else 1)
-    picture = image_grid(images, args.grid, upscale=upscale)
+    picture = image_grid(images, args.grid, upscale=upscale, gap=2 * upscale)   # white lines between images
     out = Path(args.output)
     meta = PngImagePlugin.PngInfo()
     meta.add_text("parameters", images[0].info["parameters"] + (f"; grid {args.grid}x{args.grid}, seeds "

@@ -195,5 +195,5 @@ def test_cli_generates_with_the_shipped_model(tmp_path, capsys):
     assert Image.open(tmp_path / "one.png").size == (128, 128)          # 32 x 32, shown 4x
     assert judge(Image.open(tmp_path / "one.png").resize((32, 32), Image.NEAREST), README_EXAMPLE)["all"]
     main(["generate", "a small green triangle", "--grid", "4", "--upscale", "1", "-o", str(tmp_path / "grid.png")])
-    assert Image.open(tmp_path / "grid.png").size == (128, 128)         # 4 x 4 images of 32 x 32
+    assert Image.open(tmp_path / "grid.png").size == (134, 134)         # 4 x 4 images of 32 x 32, 2-px gaps
     assert "toy model" in capsys.readouterr().out
