@@ -2,7 +2,7 @@
 
     python experiments/toy_latent_vs_pixel.py --minutes 14 --vae-minutes 3 --threads 1 --out runs/latent
     python experiments/toy_latent_vs_pixel.py --minutes 14 --vae-minutes 3 --threads 1 --t-shift 3 --out runs/latent_s3
-    # compared with: train-toy --p-pair 0 --t-shift S --eval-every 500 (same captions, seeds, sampler)
+    # compared with: train-toy --p-pair 0 --t-shift S --cfg-scale 4 --eval-every 500 (same captions, seeds, sampler)
 
 SD3 denoises VAE latents. At 32 x 32 the question is whether a tiny VAE pays for itself: the latent
 MM-DiT sees the same number of tokens (16 x 16 x 4 latents in patches of 2 = 64 tokens, like 32 x 32 x 3
@@ -67,6 +67,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--p-pair", type=float, default=0.0, help="as the pixel run it is compared with")
     p.add_argument("--t-shift", type=float, default=1.0, help="time shift in training and sampling, as the pixel run")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance of the evaluation, as the pixel run's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -78,7 +79,7 @@ def main():
     scale, shift = 1 / z.std().item(), z.mean().item()
     result |= {"latent_scale": scale, "latent_shift": shift}
 
-    r = Recipe(p_pair=args.p_pair, t_shift=args.t_shift)
+    r = Recipe(p_pair=args.p_pair, t_shift=args.t_shift, cfg_scale=args.cfg_scale)
     torch.manual_seed(r.seed)
     model = ToySD3(r)
     model.mmdit = MMDiT(toy_mmdit_config(r.width, r.depth, patch=2, text_width=r.text_width, image_size=16,
@@ -113,7 +114,7 @@ def main():
         cond = model.text(model.text.tokenize(captions))
         uncond = model.text(model.text.tokenize([""] * len(captions)))
         noise = make_noise(0, (VAE.z_channels, 16, 16), batch=len(captions))
-        z = sample(model.mmdit, noise, cond, uncond, steps=20, shift=r.t_shift, cfg_scale=4.0, progress=False)
+        z = sample(model.mmdit, noise, cond, uncond, steps=20, shift=r.t_shift, cfg_scale=r.cfg_scale, progress=False)
         images = vae.decode(process_out(z, scale, shift)).clamp(-1, 1)
     result |= {"t_shift": r.t_shift, "p_pair": r.p_pair, "vae_minutes": args.vae_minutes, "dit_steps": step, "minutes": round((time.time() - t0) / 60, 2), "eval": score(images, captions),
                "dit_params": sum(p.numel() for p in model.parameters())}

@@ -7,6 +7,11 @@
     python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out notebooks/data/toy_shift.json
     python experiments/toy_report.py latent runs/latent:runs/ab_logit_normal_shift1 runs/latent_s3:runs/ab_logit_normal
 
+The runs they read (constant learning rate, single objects; S = logit_normal, uniform, cosmap):
+    python -m sd3mini train-toy --t-sampler S --p-pair 0 --steps 2000 --cooldown 0 --cfg-scale 4 --eval-every 500 --out runs/ab_S
+    python -m sd3mini train-toy --t-shift 1 --p-pair 0 --steps 2000 --cooldown 0 --cfg-scale 4 --eval-every 500 --out runs/ab_logit_normal_shift1
+    python -m sd3mini train-toy --eval-every 1000 --out runs/ship        # the shipped recipe
+
 Evaluation protocol: ``sd3mini.toy.data.eval_captions()`` (150 fully specified single objects, 150 related
 pairs, held-out colour-shape pairs included), caption i drawn from noise seed i, the model's default
 sampler (Euler, 20 steps, shift 1) with its default CFG and without CFG, judged by ``sd3mini.toy.judge``.

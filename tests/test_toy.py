@@ -197,3 +197,8 @@ def test_cli_generates_with_the_shipped_model(tmp_path, capsys):
     main(["generate", "a small green triangle", "--grid", "4", "--upscale", "1", "-o", str(tmp_path / "grid.png")])
     assert Image.open(tmp_path / "grid.png").size == (134, 134)         # 4 x 4 images of 32 x 32, 2-px gaps
     assert "toy model" in capsys.readouterr().out
+
+
+def test_cooldown_longer_than_the_run_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="cool-down"):
+        train(Recipe(**TINY | {"cooldown": 5}), tmp_path, progress=False)

@@ -176,6 +176,9 @@ def _setup_distributed():
 
 def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: bool = False, eval_every: int = 0,
           eval_size: int = 60, save_every: int = 1000, progress: bool = True) -> dict:
+    if r.cooldown > r.steps:
+        raise ValueError(f"the cool-down ({r.cooldown} steps) is longer than the run ({r.steps} steps); "
+                         f"pass --cooldown {r.steps // 3} or less (0 keeps the learning rate constant)")
     rank, world, device = _setup_distributed()
     out = Path(out)
     if rank == 0:
