@@ -3,18 +3,20 @@
     python experiments/toy_report.py eval                    # the shipped model on the 300 fixed captions
     python experiments/toy_report.py eval --ckpt runs/x/toy_sd3.safetensors --cfg 1 1.5 2 3 4 6
     python experiments/toy_report.py log runs/ship           # the shipped run's curve -> notebooks/data
+    python experiments/toy_report.py log runs/posA --out notebooks/data/toy_run_half_pairs.json
     python experiments/toy_report.py ablation runs/ab_logit_normal runs/ab_uniform runs/ab_cosmap --steps 2000
     python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out notebooks/data/toy_shift.json
     python experiments/toy_report.py latent runs/latent:runs/ab_logit_normal_shift1 runs/latent_s3:runs/ab_logit_normal
+    python experiments/toy_report.py order runs/old/toy_sd3.safetensors runs/ship/toy_sd3.safetensors   # word order
 
 The runs they read (constant learning rate, single objects; S = logit_normal, uniform, cosmap):
     python -m sd3mini train-toy --t-sampler S --p-pair 0 --steps 2000 --cooldown 0 --cfg-scale 4 --eval-every 500 --out runs/ab_S
     python -m sd3mini train-toy --t-shift 1 --p-pair 0 --steps 2000 --cooldown 0 --cfg-scale 4 --eval-every 500 --out runs/ab_logit_normal_shift1
-    python -m sd3mini train-toy --eval-every 1000 --out runs/ship        # the shipped recipe
+    python -m sd3mini train-toy --eval-every 1000 --out runs/ship        # the recipe (the shipped run: benchmarks/RESULTS.md)
 
 Evaluation protocol: ``sd3mini.toy.data.eval_captions()`` (150 fully specified single objects, 150 related
 pairs, held-out colour-shape pairs included), caption i drawn from noise seed i, the model's default
-sampler (Euler, 20 steps, shift 1) with its default CFG and without CFG, judged by ``sd3mini.toy.judge``.
+sampler (Euler, 20 steps, shift 3) with its default CFG and without CFG, judged by ``sd3mini.toy.judge``.
 """
 
 import argparse
@@ -28,7 +30,7 @@ import torch
 
 from sd3mini.checkpoint import file_metadata
 from sd3mini.toy import data
-from sd3mini.toy.judge import judge, score
+from sd3mini.toy.judge import find_objects, judge, score
 from sd3mini.toy.model import shipped_path, toy_pipeline
 
 OUT = Path(__file__).resolve().parents[1] / "notebooks" / "data"
@@ -66,6 +68,37 @@ def evaluate_checkpoint(ckpt=None, cfg_scales=(None, 1.0)) -> dict:
     return report
 
 
+ORDER_PAIR = ("a red circle above a blue square", "a blue square above a red circle")
+
+
+def word_order(ckpt) -> dict:
+    """Does the text encoder see word order, and does the image follow it? The cosine between each word's
+    state in the two captions of ``ORDER_PAIR`` (1.0: the encoder cannot tell subject from object), and on
+    120 pair captions of the evaluation set: both colours found, arranged as the caption says, both shapes."""
+    pipe = toy_pipeline(ckpt)
+    with torch.no_grad():
+        ctx, pooled = pipe.text_encoder.encode(list(ORDER_PAIR))
+    words = [["<bos>"] + c.split() for c in ORDER_PAIR]
+    cos = torch.nn.functional.cosine_similarity
+    cosines = {w: round(cos(ctx[0, words[0].index(w)], ctx[1, words[1].index(w)], dim=0).item(), 4)
+               for w in ("red", "circle", "blue", "square", "above")}
+    cosines["pooled"] = round(cos(pooled[0], pooled[1], dim=0).item(), 4)
+    captions = data.eval_captions()[150:270]
+    both = arranged = shapes = 0
+    for im, cap in zip(pipe(captions, seed=0, progress=False), captions):
+        want, found = data.parse_caption(cap), find_objects(im)
+        a, b = (found.get(o["colour"]) for o in want["objects"])
+        if a is None or b is None:
+            continue
+        (xa, ya), (xb, yb) = a["centroid"], b["centroid"]
+        both += 1
+        arranged += bool({"above": ya < yb, "below": ya > yb, "left of": xa < xb, "right of": xa > xb}[want["relation"]])
+        shapes += (a["shape"], b["shape"]) == (want["objects"][0]["shape"], want["objects"][1]["shape"])
+    steps = json.loads(file_metadata(ckpt)["sd3mini_toy"]).get("steps_trained")
+    return {"checkpoint": Path(ckpt).name, "steps_trained": steps, "cosines": cosines, "pair_captions": len(captions),
+            "both_colours": both, "arranged": arranged, "both_shapes": shapes}
+
+
 def curve(run: Path) -> dict:
     rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     meta = json.loads(file_metadata(run / "toy_sd3.safetensors")["sd3mini_toy"])
@@ -93,6 +126,9 @@ def main(argv=None):
     ab.add_argument("--steps", type=int, required=True, help="the equal budget: compare every arm at this step")
     ab.add_argument("--out", default=str(OUT / "toy_ablation.json"))
     ab.add_argument("--no-final", action="store_true", help="only the training-log evals, no 300-caption eval")
+    od = sub.add_parser("order", help="word order in the text encoder and in the images, per checkpoint")
+    od.add_argument("ckpts", nargs="+")
+    od.add_argument("--out", default=str(OUT / "toy_word_order.json"))
     lt = sub.add_parser("latent", help="pair latent runs (toy_latent_vs_pixel.py) with the pixel runs they match")
     lt.add_argument("pairs", nargs="+", metavar="LATENT_DIR:PIXEL_RUN")
     lt.add_argument("--out", default=str(OUT / "toy_latent_vs_pixel.json"))
@@ -102,6 +138,8 @@ def main(argv=None):
         result = evaluate_checkpoint(args.ckpt, tuple(args.cfg) if args.cfg else (None, 1.0))
     elif args.what == "log":
         result = curve(Path(args.run))
+    elif args.what == "order":
+        result = {"models": [word_order(c) for c in args.ckpts], "command": " ".join(sys.argv)}
     elif args.what == "latent":
         result = {"comparisons": [], "command": " ".join(sys.argv)}
         for pair in args.pairs:
