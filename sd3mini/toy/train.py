@@ -34,18 +34,18 @@ from .model import ToyTextEncoder, toy_mmdit_config
 @dataclass
 class Recipe:
     """Everything that defines a run (stored in its checkpoints)."""
-    steps: int = 20000
+    steps: int = 15000
     batch: int = 48                    # per rank
     lr: float = 1e-3
     warmup: int = 200
-    cooldown: int = 6000               # final steps over which the learning rate falls linearly to 0
+    cooldown: int = 5000               # final steps over which the learning rate falls linearly to 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.999
     t_sampler: str = "logit_normal"
     t_shift: float = 3.0               # time_shift applied to the sampled t (and the sampling schedule)
     cfg_drop: float = 0.1              # fraction of empty captions (the CFG null condition)
-    p_pair: float = 0.5                # fraction of two-object scenes
+    p_pair: float = 0.9                # fraction of two-object scenes (after singles_first): relations need them
     singles_first: int = 2000          # steps of single objects only, before pairs are mixed in
     cfg_scale: float = 2.0             # the guidance the exported model samples with by default
     width: int = 128
