@@ -30,7 +30,7 @@ import torch
 
 from sd3mini.checkpoint import file_metadata
 from sd3mini.toy import data
-from sd3mini.toy.judge import find_objects, judge, score
+from sd3mini.toy.judge import judge, pair_parts, score
 from sd3mini.toy.model import shipped_path, toy_pipeline
 
 OUT = Path(__file__).resolve().parents[1] / "notebooks" / "data"
@@ -84,16 +84,9 @@ def word_order(ckpt) -> dict:
                for w in ("red", "circle", "blue", "square", "above")}
     cosines["pooled"] = round(cos(pooled[0], pooled[1], dim=0).item(), 4)
     captions = data.eval_captions()[150:270]
-    both = arranged = shapes = 0
-    for im, cap in zip(pipe(captions, seed=0, progress=False), captions):
-        want, found = data.parse_caption(cap), find_objects(im)
-        a, b = (found.get(o["colour"]) for o in want["objects"])
-        if a is None or b is None:
-            continue
-        (xa, ya), (xb, yb) = a["centroid"], b["centroid"]
-        both += 1
-        arranged += bool({"above": ya < yb, "below": ya > yb, "left of": xa < xb, "right of": xa > xb}[want["relation"]])
-        shapes += (a["shape"], b["shape"]) == (want["objects"][0]["shape"], want["objects"][1]["shape"])
+    parts = [pair_parts(im, c) for im, c in zip(pipe(captions, seed=0, progress=False), captions)]
+    drawn = [p for p in parts if p["colours"]]
+    both, arranged, shapes = len(drawn), sum(p["arranged"] for p in drawn), sum(p["shapes"] for p in drawn)
     steps = json.loads(file_metadata(ckpt)["sd3mini_toy"]).get("steps_trained")
     return {"checkpoint": Path(ckpt).name, "steps_trained": steps, "cosines": cosines, "pair_captions": len(captions),
             "both_colours": both, "arranged": arranged, "both_shapes": shapes}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sd3mini.toy import data
-from sd3mini.toy.judge import find_objects, judge, score
+from sd3mini.toy.judge import find_objects, judge, pair_parts, score
 from sd3mini.toy.model import VOCAB, ToyTextEncoder, load_toy, shipped_path, toy_pipeline
 from sd3mini.toy.train import Recipe, learning_rate, load_training_state, train, training_batch
 
@@ -80,6 +80,17 @@ def test_judge_rejects_wrong_captions():
         wrong += judge(image, text)["all"]
     assert wrong == 0
     assert find_objects(torch.full((3, 32, 32), -1.0)) == {}     # nothing on a black image
+
+
+def test_pair_parts_on_ground_truth():
+    """Each part of a relation, judged apart: right on true captions, "arranged" wrong when swapped."""
+    images, captions, scenes = data.batch(5, 120, p_pair=1.0, holdout=False, dropout=False)
+    opposite = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+    true = [pair_parts(im, c) for im, c in zip(images, captions)]
+    swapped = [pair_parts(im, data.caption(data.Scene(sc.objects, opposite[sc.relation]))) for im, sc in zip(images, scenes)]
+    assert sum(p["colours"] and p["arranged"] and p["shapes"] for p in true) >= 118
+    assert sum(bool(p["arranged"]) for p in swapped) <= 2
+    assert pair_parts(images[0], "a red circle") is None
 
 
 # --- text encoder ---------------------------------------------------------------------------------

@@ -119,6 +119,21 @@ def judge(image, text: str) -> dict[str, bool | None]:
     return result
 
 
+def pair_parts(image, text: str) -> dict[str, bool | None] | None:
+    """The three things a relation needs, judged apart, for a two-object caption (None for one object):
+    both colours found ("colours"), the two centroids in the named order, no margin ("arranged"), and
+    both shapes right ("shapes"); the last two are None where a colour is missing."""
+    want = parse_caption(text)
+    if want["relation"] is None:
+        return None
+    found = find_objects(image)
+    a, b = (found.get(o["colour"]) for o in want["objects"])
+    if a is None or b is None:
+        return {"colours": False, "arranged": None, "shapes": None}
+    return {"colours": True, "arranged": bool(_relation_ok(want["relation"], a["centroid"], b["centroid"], margin=0.0)),
+            "shapes": (a["shape"], b["shape"]) == (want["objects"][0]["shape"], want["objects"][1]["shape"])}
+
+
 def score(images, captions) -> dict[str, float]:
     """Accuracy per attribute over the captions that name it, and over all of them ("all")."""
     results = [judge(im, c) for im, c in zip(images, captions)]
