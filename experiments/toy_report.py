@@ -31,7 +31,7 @@ import torch
 from sd3mini.checkpoint import file_metadata
 from sd3mini.toy import data
 from sd3mini.toy.judge import judge, pair_parts, score
-from sd3mini.toy.model import shipped_path, toy_pipeline
+from sd3mini.toy.model import same_word_cosines, shipped_path, toy_pipeline
 
 OUT = Path(__file__).resolve().parents[1] / "notebooks" / "data"
 KEYS = ("colour", "shape", "size", "cell", "relation", "all")
@@ -68,21 +68,13 @@ def evaluate_checkpoint(ckpt=None, cfg_scales=(None, 1.0)) -> dict:
     return report
 
 
-ORDER_PAIR = ("a red circle above a blue square", "a blue square above a red circle")
-
-
 def word_order(ckpt) -> dict:
-    """Does the text encoder see word order, and does the image follow it? The cosine between each word's
-    state in the two captions of ``ORDER_PAIR`` (1.0: the encoder cannot tell subject from object), and on
-    120 pair captions of the evaluation set: both colours found, arranged as the caption says, both shapes."""
+    """Does the text encoder see word order, and does the image follow it? ``same_word_cosines`` on
+    ``ORDER_PAIR`` (1.0: the encoder cannot tell subject from object), and on 120 pair captions of the
+    evaluation set: both colours found, arranged as the caption says, both shapes (``judge.pair_parts``)."""
     pipe = toy_pipeline(ckpt)
-    with torch.no_grad():
-        ctx, pooled = pipe.text_encoder.encode(list(ORDER_PAIR))
-    words = [["<bos>"] + c.split() for c in ORDER_PAIR]
-    cos = torch.nn.functional.cosine_similarity
-    cosines = {w: round(cos(ctx[0, words[0].index(w)], ctx[1, words[1].index(w)], dim=0).item(), 4)
-               for w in ("red", "circle", "blue", "square", "above")}
-    cosines["pooled"] = round(cos(pooled[0], pooled[1], dim=0).item(), 4)
+    cosines = {w: round(c, 4) for w, c in
+               same_word_cosines(pipe.text_encoder, words=("red", "circle", "blue", "square", "above")).items()}
     captions = data.eval_captions()[150:270]
     parts = [pair_parts(im, c) for im, c in zip(pipe(captions, seed=0, progress=False), captions)]
     drawn = [p for p in parts if p["colours"]]

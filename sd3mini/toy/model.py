@@ -96,6 +96,22 @@ class ToyTextEncoder(nn.Module):
         return self(self.tokenize(prompts))
 
 
+ORDER_PAIR = ("a red circle above a blue square", "a blue square above a red circle")   # same words, other order
+
+
+@torch.no_grad()
+def same_word_cosines(encoder: ToyTextEncoder, captions=ORDER_PAIR, words=("red", "circle", "blue", "square")) -> dict:
+    """Cosine between each word's state in ``captions[0]`` and the same word's state in ``captions[1]``,
+    and between the pooled vectors ("pooled"). 1.0: to the MM-DiT the two word orders are the same caption."""
+    ctx, pooled = encoder.encode(list(captions))                     # (2, 16, W), (2, W)
+    where = [["<bos>"] + c.split() for c in captions]
+
+    def cos(a, b):
+        return F.cosine_similarity(a, b, dim=0).item()
+
+    return {w: cos(ctx[0, where[0].index(w)], ctx[1, where[1].index(w)]) for w in words} | {"pooled": cos(*pooled)}
+
+
 class PixelSpace(nn.Module):
     """The identity in place of the VAE: the tiny model denoises pixels directly (``downscale`` 1)."""
 
