@@ -21,6 +21,7 @@ sampler (Euler, 20 steps, shift 3) with its default CFG and without CFG, judged 
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,18 @@ from sd3mini.toy import data
 from sd3mini.toy.judge import judge, pair_parts, score
 from sd3mini.toy.model import same_word_cosines, shipped_path, toy_pipeline
 
-OUT = Path(__file__).resolve().parents[1] / "notebooks" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "notebooks" / "data"
 KEYS = ("colour", "shape", "size", "cell", "relation", "all")
+
+
+def portable(arg: str) -> str:
+    """A path as it would be typed from the repository root (the JSON files are committed)."""
+    return os.path.relpath(arg, ROOT) if os.path.isabs(arg) else arg
+
+
+def command() -> str:
+    return " ".join(":".join(map(portable, arg.split(":"))) for arg in sys.argv)   # LATENT_DIR:PIXEL_RUN too
 
 
 def summarize(results: list[dict]) -> dict:
@@ -46,7 +57,7 @@ def evaluate_checkpoint(ckpt=None, cfg_scales=(None, 1.0)) -> dict:
     pipe = toy_pipeline(ckpt)
     captions = data.eval_captions()
     held = [data.uses_held_out(c) for c in captions]
-    report = {"checkpoint": str(ckpt or shipped_path().name), "captions": len(captions), "held_out_captions": sum(held),
+    report = {"checkpoint": portable(str(ckpt)) if ckpt else shipped_path().name, "captions": len(captions), "held_out_captions": sum(held),
               "sampler": dict(pipe.defaults)}
     for cfg in cfg_scales:
         label = f"cfg {cfg if cfg is not None else pipe.defaults['cfg_scale']:g}"
@@ -124,9 +135,9 @@ def main(argv=None):
     elif args.what == "log":
         result = curve(Path(args.run))
     elif args.what == "order":
-        result = {"models": [word_order(c) for c in args.ckpts], "command": " ".join(sys.argv)}
+        result = {"models": [word_order(c) for c in args.ckpts], "command": command()}
     elif args.what == "latent":
-        result = {"comparisons": [], "command": " ".join(sys.argv)}
+        result = {"comparisons": [], "command": command()}
         for pair in args.pairs:
             latent_dir, pixel_run = map(Path, pair.split(":"))
             c = curve(pixel_run)
@@ -140,7 +151,7 @@ def main(argv=None):
             arms[run.name] = {"recipe": c["recipe"], "evals": [e for e in c["evals"] if e["step"] <= args.steps],
                               "loss_steps": [c["loss_steps"][i] for i in keep], "loss": [c["loss"][i] for i in keep],
                               "final": None if args.no_final else evaluate_checkpoint(run / "toy_sd3.safetensors", (None,))}
-        result = {"budget_steps": args.steps, "arms": arms, "command": " ".join(sys.argv)}
+        result = {"budget_steps": args.steps, "arms": arms, "command": command()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1)[:3000])
