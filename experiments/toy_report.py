@@ -2,7 +2,7 @@
 
     python experiments/toy_report.py eval                    # the shipped model on the 300 fixed captions
     python experiments/toy_report.py eval --ckpt runs/x/toy_sd3.safetensors --cfg 1 1.5 2 3 4 6
-    python experiments/toy_report.py log runs/ship           # the shipped run's curve -> notebooks/data
+    python experiments/toy_report.py log runs/posA:0 runs/pairs90:5000 runs/ship25:15000   # the shipped run's curve
     python experiments/toy_report.py log runs/posA --out notebooks/data/toy_run_half_pairs.json
     python experiments/toy_report.py ablation runs/ab_logit_normal runs/ab_uniform runs/ab_cosmap --steps 2000
     python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out notebooks/data/toy_shift.json
@@ -96,11 +96,28 @@ def word_order(ckpt) -> dict:
 
 
 def curve(run: Path) -> dict:
-    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    meta = json.loads(file_metadata(run / "toy_sd3.safetensors")["sd3mini_toy"])
+    return stitched([(run, 0)])
+
+
+def stitched(stages: list[tuple[Path, int]]) -> dict:
+    """One training curve from a run continued in stages with ``--resume`` (a later stage's folder began
+    as a copy of the earlier one's ``last.safetensors``): stage i supplies the log from its first step on,
+    and its recipe (from its exported checkpoint) is kept, so the learning rate of every step can be redrawn."""
+    rows, recipes = {}, []
+    for i, (run, first) in enumerate(stages):
+        until = stages[i + 1][1] if i + 1 < len(stages) else float("inf")
+        for line in (run / "train_log.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if first < r["step"] <= until:
+                rows[r["step"]] = r
+        meta = json.loads(file_metadata(run / "toy_sd3.safetensors")["sd3mini_toy"])
+        recipes.append({"from_step": first, "run": run.name, "recipe": meta["recipe"]})
+    rows = [rows[s] for s in sorted(rows)]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), "the stages leave a gap in the log"
     loss = [r["loss"] for r in rows]
     every = 50
-    return {"recipe": meta["recipe"], "steps_trained": meta.get("steps_trained"), "minutes": rows[-1]["minutes"],
+    return {"recipe": recipes[-1]["recipe"], "stages": recipes, "steps_trained": rows[-1]["step"],
+            "minutes": rows[-1]["minutes"],
             "loss_steps": list(range(every, len(loss) + 1, every)),
             "loss": [round(float(np.mean(loss[i - every: i])), 5) for i in range(every, len(loss) + 1, every)],
             "evals": [{"step": r["step"], "minutes": r["minutes"], **{k: round(v, 4) for k, v in r["eval"].items()}}
@@ -114,8 +131,8 @@ def main(argv=None):
     e.add_argument("--ckpt")
     e.add_argument("--cfg", type=float, nargs="+", help="guidance scales to evaluate (default: the model's and 1)")
     e.add_argument("--out", default=str(OUT / "toy_eval.json"))
-    lg = sub.add_parser("log")
-    lg.add_argument("run")
+    lg = sub.add_parser("log", help="a run's training curve; RUN:FROM_STEP ... for a run continued in stages")
+    lg.add_argument("runs", nargs="+", metavar="RUN[:FROM_STEP]")
     lg.add_argument("--out", default=str(OUT / "toy_shipped_run.json"))
     ab = sub.add_parser("ablation")
     ab.add_argument("runs", nargs="+")
@@ -133,7 +150,8 @@ def main(argv=None):
     if args.what == "eval":
         result = evaluate_checkpoint(args.ckpt, tuple(args.cfg) if args.cfg else (None, 1.0))
     elif args.what == "log":
-        result = curve(Path(args.run))
+        stages = [(Path(a.split(":")[0]), int(a.split(":")[1]) if ":" in a else 0) for a in args.runs]
+        result = stitched(stages) | {"command": command()}
     elif args.what == "order":
         result = {"models": [word_order(c) for c in args.ckpts], "command": command()}
     elif args.what == "latent":

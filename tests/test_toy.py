@@ -179,7 +179,7 @@ SINGLE_CAPTIONS = [
     "a large purple triangle in the right", "a small orange square in the top", "a green circle in the bottom right",
 ]                                                   # the last three are colour-shape pairs held out of training
 README_EXAMPLE = "a large red circle in the top left"
-RELATION_BOUND = 0.45  # measured on these 40 captions: 0.625 (the first shipped model: 0.15)
+RELATION_BOUND = 0.6   # measured on these 40 captions: 0.725 (the model shipped before: 0.625; the first: 0.15)
 
 
 def test_shipped_weights_are_in_the_package():
@@ -199,7 +199,7 @@ def test_shipped_model_follows_single_object_captions():
 
 
 def test_shipped_model_on_two_object_captions():
-    """On the 300-caption evaluation: both colours 1.00, relation (with both shapes right) 0.71; the first
+    """On the 300-caption evaluation: both colours 1.00, relation (with both shapes right) 0.88; the first
     shipped model, whose encoder was blind to word order, reached 0.20. A bound that fails for it."""
     captions = data.eval_captions(0, 40, seed=77)
     scores = score(toy_pipeline()(captions, seed=0, progress=False), captions)
@@ -208,7 +208,7 @@ def test_shipped_model_on_two_object_captions():
 
 
 def test_shipped_text_encoder_sees_word_order():
-    """Measured 0.58 (the first shipped model: 1.000, the same state for "red" as subject and as object)."""
+    """Measured 0.61 (the first shipped model: 1.000, the same state for "red" as subject and as object)."""
     _, text, _ = load_toy()
     assert same_word_cosines(text)["red"] < 0.9
 
