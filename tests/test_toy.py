@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,23 @@ def test_training_resumes_exactly(tmp_path):
     assert len(log) == 4
     pipe = toy_pipeline(tmp_path / "once" / "toy_sd3.safetensors")           # the exported weights load
     assert pipe("a red circle", seed=0, progress=False)[0].size == (32, 32)
+
+
+def test_a_run_resumed_in_stages_gives_one_curve(tmp_path):
+    """The shipped run was three stages, each a copy of the last one's ``last.safetensors`` resumed with
+    another recipe; ``toy_report.py log RUN:FROM_STEP ...`` stitches their logs for chapter 14."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+    from toy_report import stitched
+
+    train(Recipe(**TINY), tmp_path / "a", progress=False)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "last.safetensors", tmp_path / "b")
+    train(Recipe(**TINY | {"steps": 7, "lr": 5e-4}), tmp_path / "b", resume=True, progress=False)
+    curve = stitched([(tmp_path / "a", 0), (tmp_path / "b", 4)])
+    assert curve["steps_trained"] == 7
+    assert [(st["from_step"], st["recipe"]["lr"]) for st in curve["stages"]] == [(0, 1e-3), (4, 5e-4)]
+    with pytest.raises(AssertionError, match="gap"):
+        stitched([(tmp_path / "a", 0), (tmp_path / "b", 5)])   # step 5 left to a, whose log ends at 4
 
 
 def test_batches_depend_on_rank_and_step():
