@@ -34,8 +34,9 @@ from .model import ToyTextEncoder, toy_mmdit_config
 @dataclass
 class Recipe:
     """Everything that defines a run (stored in its checkpoints). The defaults are the one-hour recipe:
-    56 minutes on one core of a 2-core CPU, enough for single objects. Two-object relations need longer:
-    the shipped model trained 25 000 steps, in three resumed stages (benchmarks/RESULTS.md)."""
+    56 minutes on one core of a 2-core CPU. With seed 0 that was enough for single objects; seed 1 did not
+    learn grid position (benchmarks/RESULTS.md). Two-object relations need longer: the shipped model
+    trained 25 000 steps, in three resumed stages."""
     steps: int = 10000
     batch: int = 48                    # per rank
     lr: float = 1e-3
