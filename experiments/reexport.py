@@ -15,17 +15,24 @@ import torch
 from sd3mini.checkpoint import file_metadata
 from sd3mini.toy.train import Recipe, ToySD3, data_stats, export, load_training_state
 
-p = argparse.ArgumentParser()
-p.add_argument("state", help="a run's last.safetensors")
-p.add_argument("out")
-p.add_argument("--cfg-scale", type=float, required=True)
-args = p.parse_args()
-meta = json.loads(file_metadata(args.state)["sd3mini_train"])
-r = Recipe(**meta["recipe"] | {"cfg_scale": args.cfg_scale})
-model, ema = ToySD3(r), ToySD3(r)
-opt = torch.optim.AdamW(model.parameters())
-load_training_state(args.state, model, ema, opt)
-assert (meta["latent_scale"], meta["latent_shift"]) == data_stats()
-export(args.out, ema, r, meta["latent_scale"], meta["latent_shift"],
-       {"steps_trained": meta["step"], "world": meta["world"], "minutes": round(meta["elapsed"] / 60, 2)})
-print(f"{args.out}: step {meta['step']}, defaults cfg_scale {args.cfg_scale}; recipe {asdict(r)}")
+
+def reexport(state, out, cfg_scale: float) -> Recipe:
+    meta = json.loads(file_metadata(state)["sd3mini_train"])
+    r = Recipe(**meta["recipe"] | {"cfg_scale": cfg_scale})
+    model, ema = ToySD3(r), ToySD3(r)
+    opt = torch.optim.AdamW(model.parameters())
+    load_training_state(state, model, ema, opt)
+    assert (meta["latent_scale"], meta["latent_shift"]) == data_stats()
+    export(out, ema, r, meta["latent_scale"], meta["latent_shift"],
+           {"steps_trained": meta["step"], "world": meta["world"], "minutes": round(meta["elapsed"] / 60, 2)})
+    print(f"{out}: step {meta['step']}, defaults cfg_scale {cfg_scale}; recipe {asdict(r)}")
+    return r
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("state", help="a run's last.safetensors")
+    p.add_argument("out")
+    p.add_argument("--cfg-scale", type=float, required=True)
+    args = p.parse_args()
+    reexport(args.state, args.out, args.cfg_scale)

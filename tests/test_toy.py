@@ -149,6 +149,26 @@ def test_a_run_resumed_in_stages_gives_one_curve(tmp_path):
         stitched([(tmp_path / "a", 0), (tmp_path / "b", 5)])   # step 5 left to a, whose log ends at 4
 
 
+def test_the_shipped_schedule_in_one_command(tmp_path, capsys):
+    """``experiments/train_shipped.py`` runs the shipped model's three stages; ``--divide 1000`` rehearses
+    the schedule (steps 5, 15, 25) on a tiny model. Run again, it trains nothing more."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+    from toy_report import stitched
+    from train_shipped import main as train_shipped
+
+    tiny = ["--batch", "6", "--width", "64", "--depth", "2", "--text-width", "64", "--text-layers", "1"]
+    train_shipped(["--out", str(tmp_path), "--divide", "1000"] + tiny)
+    curve = stitched([(tmp_path / "stage1", 0), (tmp_path / "stage2", 5), (tmp_path / "stage3", 15)])
+    assert curve["steps_trained"] == 25
+    assert [(s["recipe"]["p_pair"], s["recipe"]["lr"], s["recipe"]["steps"], s["recipe"]["cooldown"])
+            for s in curve["stages"]] == [(0.5, 1e-3, 5, 0), (0.9, 1e-3, 15, 5), (0.9, 5e-4, 25, 5)]
+    pipe = toy_pipeline(tmp_path / "toy_sd3.safetensors")
+    assert pipe.defaults["cfg_scale"] == 3.0
+    log_lines = (tmp_path / "stage3" / "train_log.jsonl").read_text().count("\n")
+    train_shipped(["--out", str(tmp_path), "--divide", "1000"] + tiny)
+    assert (tmp_path / "stage3" / "train_log.jsonl").read_text().count("\n") == log_lines
+
+
 def test_batches_depend_on_rank_and_step():
     r = Recipe(**TINY)
     a = training_batch(r, 3, 0, 1.0, 0.0)
