@@ -8,6 +8,7 @@
     python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out notebooks/data/toy_shift.json
     python experiments/toy_report.py latent runs/latent:runs/ab_logit_normal_shift1 runs/latent_s3:runs/ab_logit_normal
     python experiments/toy_report.py order runs/old/toy_sd3.safetensors runs/ship/toy_sd3.safetensors   # word order
+    python experiments/toy_report.py samples runs/a/toy_sd3.safetensors runs/b/toy_sd3.safetensors   # one row each
 
 The runs they read (constant learning rate, single objects; S = logit_normal, uniform, cosmap):
     python -m sd3mini train-toy --t-sampler S --p-pair 0 --steps 2000 --cooldown 0 --cfg-scale 4 --eval-every 500 --out runs/ab_S
@@ -95,6 +96,29 @@ def word_order(ckpt) -> dict:
             "both_colours": both, "arranged": arranged, "both_shapes": shapes}
 
 
+CELL_CAPTIONS = ("a large red circle in the top left", "a small blue square in the top",
+                 "a large yellow triangle in the top right", "a small green square in the left",
+                 "a large purple circle in the center", "a small orange triangle in the right",
+                 "a large blue triangle in the bottom left", "a small red square in the bottom",
+                 "a large green triangle in the bottom right")   # one per grid cell, none held out
+
+
+def samples(ckpts: list[str], out: Path) -> dict:
+    """One row per checkpoint: ``CELL_CAPTIONS`` (caption i from noise seed i, the model's default sampler),
+    saved as OUT.png, 32 x 32 pixels each with a 2-pixel gap; the judge's verdicts are returned."""
+    from sd3mini.pipeline import image_grid
+
+    rows, images = [], []
+    for ckpt in ckpts:
+        pipe = toy_pipeline(ckpt)
+        row = pipe(list(CELL_CAPTIONS), seed=0, progress=False)
+        images += row
+        rows.append({"checkpoint": portable(ckpt), "recipe": json.loads(file_metadata(ckpt)["sd3mini_toy"])["recipe"],
+                     "sampler": dict(pipe.defaults), "judge": [judge(im, c) for im, c in zip(row, CELL_CAPTIONS)]})
+    image_grid(images, cols=len(CELL_CAPTIONS), gap=2).save(out.with_suffix(".png"))
+    return {"captions": list(CELL_CAPTIONS), "image_size": 32, "gap": 2, "rows": rows}
+
+
 def curve(run: Path) -> dict:
     return stitched([(run, 0)])
 
@@ -142,6 +166,9 @@ def main(argv=None):
     od = sub.add_parser("order", help="word order in the text encoder and in the images, per checkpoint")
     od.add_argument("ckpts", nargs="+")
     od.add_argument("--out", default=str(OUT / "toy_word_order.json"))
+    sm = sub.add_parser("samples", help="one caption per grid cell, one row of images per checkpoint (.png + .json)")
+    sm.add_argument("ckpts", nargs="+")
+    sm.add_argument("--out", default=str(OUT / "toy_recipe_samples.json"))
     lt = sub.add_parser("latent", help="pair latent runs (toy_latent_vs_pixel.py) with the pixel runs they match")
     lt.add_argument("pairs", nargs="+", metavar="LATENT_DIR:PIXEL_RUN")
     lt.add_argument("--out", default=str(OUT / "toy_latent_vs_pixel.json"))
@@ -154,6 +181,8 @@ def main(argv=None):
         result = stitched(stages) | {"command": command()}
     elif args.what == "order":
         result = {"models": [word_order(c) for c in args.ckpts], "command": command()}
+    elif args.what == "samples":
+        result = samples(args.ckpts, Path(args.out)) | {"command": command()}
     elif args.what == "latent":
         result = {"comparisons": [], "command": command()}
         for pair in args.pairs:

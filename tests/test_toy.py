@@ -169,6 +169,21 @@ def test_the_shipped_schedule_in_one_command(tmp_path, capsys):
     assert (tmp_path / "stage3" / "train_log.jsonl").read_text().count("\n") == log_lines
 
 
+def test_sample_rows_for_the_chapter(tmp_path):
+    """``toy_report.py samples``: one row of nine images per checkpoint, with the judge's verdicts."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
+    from PIL import Image
+    from toy_report import CELL_CAPTIONS, samples
+
+    assert len({c.split(" in the ")[1] for c in CELL_CAPTIONS}) == 9                  # every grid cell once
+    assert not any(data.uses_held_out(c) for c in CELL_CAPTIONS)
+    result = samples([str(shipped_path())] * 2, tmp_path / "rows.json")
+    assert Image.open(tmp_path / "rows.png").size == (9 * 34 - 2, 2 * 34 - 2)
+    assert [len(r["judge"]) for r in result["rows"]] == [9, 9]
+    assert result["rows"][0]["judge"] == result["rows"][1]["judge"]                  # seeded: the same images
+    assert sum(j["cell"] for j in result["rows"][0]["judge"]) >= 8                   # the shipped model places them
+
+
 def test_batches_depend_on_rank_and_step():
     r = Recipe(**TINY)
     a = training_batch(r, 3, 0, 1.0, 0.0)
