@@ -34,9 +34,10 @@ from .model import ToyTextEncoder, toy_mmdit_config
 @dataclass
 class Recipe:
     """Everything that defines a run (stored in its checkpoints). The defaults are the one-hour recipe:
-    56 minutes on one core of a 2-core CPU. With seed 0 that was enough for single objects; seed 1 did not
-    learn grid position (benchmarks/RESULTS.md). Two-object relations need longer: the shipped model
-    trained 25 000 steps, in three resumed stages."""
+    56-57 minutes on one core of a 2-core CPU, enough for single objects with each seed tried (0-3;
+    benchmarks/RESULTS.md). Half the scenes stay single objects: with 90% pairs, whose captions name no
+    grid cell, seed 1 lost the grid position it had begun to learn. Two-object relations need longer: the
+    shipped model trained 25 000 steps, in three resumed stages."""
     steps: int = 10000
     batch: int = 48                    # per rank
     lr: float = 1e-3
@@ -48,7 +49,7 @@ class Recipe:
     t_sampler: str = "logit_normal"
     t_shift: float = 3.0               # time_shift applied to the sampled t (and the sampling schedule)
     cfg_drop: float = 0.1              # fraction of empty captions (the CFG null condition)
-    p_pair: float = 0.9                # fraction of two-object scenes (after singles_first): relations need them
+    p_pair: float = 0.5                # fraction of two-object scenes (after singles_first): relations need them
     singles_first: int = 2000          # steps of single objects only, before pairs are mixed in
     cfg_scale: float = 2.0             # the guidance the exported model samples with by default
     width: int = 128
@@ -91,7 +92,7 @@ def data_stats(n: int = 2048, seed: int = 999) -> tuple[float, float]:
 def training_batch(r: Recipe, step: int, rank: int, scale: float, shift: float):
     """The batch of ``step`` on ``rank``: a function of (seed, rank, step) only, so resuming is exact."""
     seed = (r.seed * 1_000_003 + rank) * 10_000_019 + step
-    # A curriculum: measured here, a model fed the 60/40 mix from step 0 never learned grid position
+    # A curriculum: measured here, a model fed 60% pairs from step 0 never learned grid position
     # in 1.5k steps (cell 0.1), while single objects alone taught it in 500 (cell 0.97).
     p_pair = 0.0 if step < r.singles_first else r.p_pair
     images, captions, _ = data.batch(seed, r.batch, p_pair=p_pair)
