@@ -13,7 +13,8 @@
 The runs they read (constant learning rate, single objects; S = logit_normal, uniform, cosmap):
     python -m sd3mini train-toy --t-sampler S --p-pair 0 --steps 2000 --cooldown 0 --cfg-scale 4 --eval-every 500 --out runs/ab_S
     python -m sd3mini train-toy --t-shift 1 --p-pair 0 --steps 2000 --cooldown 0 --cfg-scale 4 --eval-every 500 --out runs/ab_logit_normal_shift1
-    python -m sd3mini train-toy --eval-every 1000 --out runs/ship        # the recipe (the shipped run: benchmarks/RESULTS.md)
+    python -m sd3mini train-toy --eval-every 1000 --seed N --out runs/p50_seedN   # the one-hour recipe, seeds 0-3
+    python experiments/train_shipped.py --eval-every 1000 --out runs/shipped      # the shipped run, three stages
 
 Evaluation protocol: ``sd3mini.toy.data.eval_captions()`` (150 fully specified single objects, 150 related
 pairs, held-out colour-shape pairs included), caption i drawn from noise seed i, the model's default

@@ -149,7 +149,7 @@ def test_a_run_resumed_in_stages_gives_one_curve(tmp_path):
         stitched([(tmp_path / "a", 0), (tmp_path / "b", 5)])   # step 5 left to a, whose log ends at 4
 
 
-def test_the_shipped_schedule_in_one_command(tmp_path, capsys):
+def test_the_shipped_schedule_in_one_command(tmp_path):
     """``experiments/train_shipped.py`` runs the shipped model's three stages; ``--divide 1000`` rehearses
     the schedule (steps 5, 15, 25) on a tiny model. Run again, it trains nothing more."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
