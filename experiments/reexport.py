@@ -7,17 +7,15 @@ writes the same weights with that default stored beside them.
 """
 
 import argparse
-import json
 from dataclasses import asdict
 
 import torch
 
-from sd3mini.checkpoint import file_metadata
-from sd3mini.toy.train import Recipe, ToySD3, data_stats, export, load_training_state
+from sd3mini.toy.train import Recipe, ToySD3, data_stats, export, load_training_state, training_meta
 
 
 def reexport(state, out, cfg_scale: float) -> Recipe:
-    meta = json.loads(file_metadata(state)["sd3mini_train"])
+    meta = training_meta(state)
     r = Recipe(**meta["recipe"] | {"cfg_scale": cfg_scale})
     model, ema = ToySD3(r), ToySD3(r)
     opt = torch.optim.AdamW(model.parameters())

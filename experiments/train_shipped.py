@@ -17,13 +17,11 @@ script does not know (``--threads``, ``--eval-every``, ``--seed``, model sizes) 
 """
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 from reexport import reexport
-from sd3mini.checkpoint import file_metadata
-from sd3mini.toy.train import Recipe
+from sd3mini.toy.train import Recipe, training_meta
 from sd3mini.toy.train import main as train_toy
 
 STAGES = (  # (the step a stage ends at, its train-toy arguments); each resumes from the last one's end
@@ -36,7 +34,7 @@ CFG_SCALE = 3.0
 
 def steps_done(folder: Path) -> int:
     state = folder / "last.safetensors"
-    return json.loads(file_metadata(state)["sd3mini_train"])["step"] if state.exists() else 0
+    return training_meta(state)["step"] if state.exists() else 0
 
 
 def main(argv=None):
@@ -45,7 +43,7 @@ def main(argv=None):
     p.add_argument("--divide", type=int, default=1, help="divide every step count by this (a quick rehearsal)")
     args, passed_on = p.parse_known_args(argv)
     out, d = Path(args.out), args.divide
-    schedule = ["--warmup", max(1, Recipe().warmup // d), "--singles-first", Recipe().singles_first // d]
+    schedule = {"--warmup": max(1, Recipe().warmup // d), "--singles-first": Recipe().singles_first // d}
     previous = None
     for i, (end, stage_args) in enumerate(STAGES, start=1):
         folder = out / f"stage{i}"
@@ -53,9 +51,9 @@ def main(argv=None):
             if previous is not None and not (folder / "last.safetensors").exists():
                 folder.mkdir(parents=True, exist_ok=True)                 # start from the last stage's end
                 shutil.copy(previous / "last.safetensors", folder / "last.safetensors")
-            flags = {"--steps": end // d} | {k: (v // d if k == "--cooldown" else v) for k, v in stage_args.items()}
-            train_toy([str(a) for kv in flags.items() for a in kv] + [str(a) for a in schedule]
-                      + passed_on + ["--out", str(folder), "--resume"])
+            flags = schedule | {"--steps": end // d} | {k: v // d if k == "--cooldown" else v
+                                                         for k, v in stage_args.items()}
+            train_toy([str(a) for kv in flags.items() for a in kv] + passed_on + ["--out", str(folder), "--resume"])
         previous = folder
     reexport(previous / "last.safetensors", out / "toy_sd3.safetensors", CFG_SCALE)
 

@@ -15,6 +15,7 @@ from sd3mini.toy.judge import find_objects, judge, pair_parts, score
 from sd3mini.toy.model import VOCAB, ToyTextEncoder, load_toy, same_word_cosines, shipped_path, toy_pipeline
 from sd3mini.toy.train import Recipe, learning_rate, load_training_state, train, training_batch
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))    # toy_report, train_shipped
 TINY = dict(steps=4, batch=6, width=64, depth=2, text_width=64, text_layers=1, warmup=2, cooldown=0)
 
 
@@ -135,7 +136,6 @@ def test_training_resumes_exactly(tmp_path):
 def test_a_run_resumed_in_stages_gives_one_curve(tmp_path):
     """The shipped run was three stages, each a copy of the last one's ``last.safetensors`` resumed with
     another recipe; ``toy_report.py log RUN:FROM_STEP ...`` stitches their logs for chapter 14."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
     from toy_report import stitched
 
     train(Recipe(**TINY), tmp_path / "a", progress=False)
@@ -152,7 +152,6 @@ def test_a_run_resumed_in_stages_gives_one_curve(tmp_path):
 def test_the_shipped_schedule_in_one_command(tmp_path):
     """``experiments/train_shipped.py`` runs the shipped model's three stages; ``--divide 1000`` rehearses
     the schedule (steps 5, 15, 25) on a tiny model. Run again, it trains nothing more."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
     from toy_report import stitched
     from train_shipped import main as train_shipped
 
@@ -171,7 +170,6 @@ def test_the_shipped_schedule_in_one_command(tmp_path):
 
 def test_sample_rows_for_the_chapter(tmp_path):
     """``toy_report.py samples``: one row of nine images per checkpoint, with the judge's verdicts."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))
     from PIL import Image
     from toy_report import CELL_CAPTIONS, samples
 

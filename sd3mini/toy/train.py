@@ -116,9 +116,14 @@ def save_training_state(path, model, ema, opt, step, meta):
     os.replace(Path(path).with_suffix(".tmp"), path)        # never leave a half-written checkpoint
 
 
+def training_meta(path) -> dict:
+    """What a ``last.safetensors`` stores beside the tensors: step, elapsed, recipe, latent scale/shift, ..."""
+    return json.loads(file_metadata(path)["sd3mini_train"])
+
+
 def load_training_state(path, model, ema, opt) -> dict:
     sd = {k: v.load() for k, v in open_state_dict(path).items()}
-    meta = json.loads(file_metadata(path)["sd3mini_train"])
+    meta = training_meta(path)
     model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
     state = {"state": {}, "param_groups": meta["param_groups"]}
