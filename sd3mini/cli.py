@@ -18,7 +18,7 @@ def _params(model) -> int:
 def info(path: str) -> str:
     """Describe a checkpoint from its header alone: detected model, configuration, parameters, dtypes."""
     from .checkpoint import CheckpointError, describe_checkpoint, open_state_dict
-    from .loading import mmdit_state_dict, text_encoder_state_dict, vae_state_dict
+    from .loading import clip_shape, mmdit_state_dict, text_encoder_state_dict, vae_state_dict
     from .mmdit import MMDiT, MMDiTConfig
     from .pipeline import detect_model
     from .text import CLIPTextEncoder, T5TextEncoder
@@ -52,8 +52,7 @@ def info(path: str) -> str:
         pass
     bundled = [k for k in ("clip_l", "clip_g", "t5xxl") if any(key.startswith(f"text_encoders.{k}.") for key in sd)]
     if not bundled and "text_model.embeddings.token_embedding.weight" in sd:    # a standalone CLIP file
-        width = sd["text_model.embeddings.token_embedding.weight"].shape[1]
-        bundled = [{768: "clip_l", 1280: "clip_g"}.get(width, "clip_l")]
+        bundled = [clip_shape(sd)["kind"] or "clip_l"]
     if not bundled and "encoder.block.0.layer.0.SelfAttention.q.weight" in sd:
         bundled = ["t5xxl"]
     for kind in bundled:

@@ -133,6 +133,66 @@ def text_encoder_state_dict(sd: dict, kind: str) -> dict:
     return sd
 
 
+# SD3's two CLIPs, told apart by their weights (the activation, quick_gelu vs gelu, is not in the file).
+CLIP_SHAPES = {"clip_l": dict(name="CLIP-L", width=768, layers=12), "clip_g": dict(name="CLIP-G", width=1280, layers=32)}
+
+
+def clip_shape(sd: dict) -> dict:
+    """Width, layers and projection of a CLIP text encoder (Hugging Face names), and the kind they are
+    (clip_l or clip_g) when the width is one of the official two; kind None for other sizes."""
+    width = sd["text_model.embeddings.token_embedding.weight"].shape[1]
+    layers = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))),
+                     default=-1)
+    projection = sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else width
+    kind = next((k for k, v in CLIP_SHAPES.items() if v["width"] == width), None)
+    return dict(kind=kind, width=width, layers=layers, projection=projection)
+
+
+def _clip_words(shape: dict) -> str:
+    name = CLIP_SHAPES[shape["kind"]]["name"] if shape["kind"] else "a CLIP text encoder"
+    return f"{name} (width {shape['width']}, {shape['layers']} layers)"
+
+
+def _where(src) -> str:
+    return f"{src}: " if isinstance(src, (str, os.PathLike)) else ""
+
+
+def check_clip_kind(sd: dict, kind: str, src=None):
+    """Refuse CLIP-G weights passed as clip_l and the other way round, naming what the file holds."""
+    shape = clip_shape(sd)
+    if shape["kind"] not in (None, kind):
+        raise CheckpointError(f"{_where(src)}this is {_clip_words(shape)}, not {CLIP_SHAPES[kind]['name']} "
+                              f"(width {CLIP_SHAPES[kind]['width']}): pass it as {shape['kind']}")
+    return shape
+
+
+def check_text_encoders(sources: dict, mmdit_config: MMDiTConfig):
+    """From the files' headers, before anything is built: each text encoder is the kind it is passed as
+    (CLIP-L, CLIP-G, T5), the two CLIPs are not swapped, and their pooled widths fit the MM-DiT."""
+    shapes = {}
+    for kind, src in sources.items():
+        try:
+            sd = text_encoder_state_dict(state_dict_of(src), kind)
+        except CheckpointError as e:
+            raise CheckpointError(f"{_where(src)}{e} (passed as {kind})") from None
+        if kind != "t5xxl":
+            shapes[kind] = clip_shape(sd)
+    if len(shapes) < 2:
+        return
+    l, g = shapes["clip_l"], shapes["clip_g"]
+    known_swap = (l["kind"], g["kind"]) == ("clip_g", "clip_l")
+    if known_swap or (l["kind"] is None and g["kind"] is None and l["width"] > g["width"]):   # CLIP-L: the narrower
+        raise CheckpointError(f"clip_l and clip_g are swapped: {sources['clip_l']} (passed as clip_l) is "
+                              f"{_clip_words(l)} and {sources['clip_g']} (passed as clip_g) is {_clip_words(g)}; "
+                              "CLIP-L is the narrower one")
+    for kind in shapes:
+        check_clip_kind(text_encoder_state_dict(state_dict_of(sources[kind]), kind), kind, sources[kind])
+    pooled = l["width"] + g["projection"]
+    if pooled != mmdit_config.adm_in_channels:
+        raise CheckpointError(f"the text encoders give a pooled vector of {l['width']} (clip_l) + {g['projection']} "
+                              f"(clip_g) = {pooled} values; this MM-DiT takes {mmdit_config.adm_in_channels}")
+
+
 def load_mmdit(src, *, device=None, dtype=None) -> MMDiT:
     """An MM-DiT from a path (single file, MMDiT-only file, diffusers ``transformer/`` folder or file)
     or a state dict (official keys with or without ``model.diffusion_model.``, or diffusers keys)."""
@@ -164,6 +224,7 @@ def load_text_encoder(src, kind: str, *, num_heads: int | None = None, device=No
         config = T5TextEncoder.config_from_state_dict(inner, num_heads)
         make, keep = (lambda: T5TextEncoder(config)), ("DenseReluDense.wo",) if dtype == torch.float16 else ()
     else:
+        check_clip_kind(inner, kind, src)
         config = CLIPTextEncoder.config_from_state_dict(inner, kind, num_heads)
         make, keep = (lambda: CLIPTextEncoder(config, projected=(kind == "clip_g"))), ()
     return build(make, sd, what=f"{kind} text encoder", device=device, dtype=dtype, keep_fp32=keep, all_keys=full)
@@ -197,15 +258,27 @@ def hub_download(repo: str, filename: str | None = None, *, token=None, allow_pa
     """Download one file (or, with ``allow_patterns``, a snapshot) from the Hub; a gated-repo refusal
     becomes a message that explains the licence and the token. Uses the Hub cache."""
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     token = token or os.environ.get("HF_TOKEN")
+    what = f"{filename} from {repo}" if filename else repo
     try:
         if filename is None:
             return Path(snapshot_download(repo, allow_patterns=allow_patterns, token=token))
         return Path(hf_hub_download(repo, filename, token=token))
     except GatedRepoError as e:
         raise PermissionError(_gated_message(repo)) from e
+    except RepositoryNotFoundError as e:                   # without a token, the Hub answers so for gated repos too
+        login = "" if token else (" (or it is private or gated: without a token the Hub gives the same answer; "
+                                  "set HF_TOKEN and accept its licence on its page)")
+        raise FileNotFoundError(f"no repository {repo} on the Hugging Face Hub{login}; check the name") from e
+    except LocalEntryNotFoundError as e:                   # offline (HF_HUB_OFFLINE=1 or no network), not cached
+        raise ConnectionError(f"cannot download {what}: the Hugging Face Hub cannot be reached (offline, or "
+                              "HF_HUB_OFFLINE=1) and it is not in the local cache; download it once online, "
+                              "or pass a local path") from e
+    except EntryNotFoundError as e:
+        raise FileNotFoundError(f"the Hub repository {repo} has no file {filename}") from e
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):

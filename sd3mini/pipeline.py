@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import open_state_dict, state_dict_of
+from .checkpoint import CheckpointError, open_state_dict, state_dict_of
+from .checks import ArgumentError, check_int, check_prompts, check_seed
 from .flow import LATENT_SCALE, LATENT_SHIFT, process_in, process_out
-from .loading import (TEXT_ENCODERS, download, hub_download, load_mmdit, load_text_encoder, load_vae,
-                      mmdit_state_dict, vae_state_dict)
+from .loading import (TEXT_ENCODERS, check_text_encoders, download, hub_download, load_mmdit, load_text_encoder,
+                      load_vae, mmdit_state_dict, vae_state_dict)
 from .mmdit import MMDiTConfig
-from .sampling import make_noise, sample
+from .sampling import check_sampling, check_slg, make_noise, sample
 from .text import SD3TextEncoder, SD3Tokenizer, clip_tokenizer
 from .vae import VAEConfig, image_to_tensor, tensor_to_images
 
@@ -60,15 +61,16 @@ def default_dtype(device) -> torch.dtype:
 
 
 def check_size(width: int, height: int, multiple: int, max_size: int):
-    """Raise a ValueError that names the nearest valid sizes."""
+    """Raise an ArgumentError (a ValueError) that names the nearest valid sizes."""
     for name, v in (("width", width), ("height", height)):
+        check_int(name, v)
+        if v < multiple:
+            raise ArgumentError(f"{name} must be at least {multiple}, got {v}")
         if v % multiple:
             lo = max(multiple, v // multiple * multiple)
-            raise ValueError(f"{name} {v} is not a multiple of {multiple}; the nearest valid sizes are {lo} and {lo + multiple}")
+            raise ArgumentError(f"{name} {v} is not a multiple of {multiple}; the nearest valid sizes are {lo} and {lo + multiple}")
         if v > max_size:
-            raise ValueError(f"{name} {v} is larger than this model supports: the maximum is {max_size} pixels")
-        if v < multiple:
-            raise ValueError(f"{name} must be at least {multiple}")
+            raise ArgumentError(f"{name} {v} is larger than this model supports: the maximum is {max_size} pixels")
 
 
 def check_finite(name: str, t: torch.Tensor, hint: str):
@@ -114,6 +116,7 @@ class SD3Pipeline:
             paths = download(str(path), text_encoders=kinds, token=token)
             path, clip_l, clip_g, t5xxl = paths["model"], paths["clip_l"], paths["clip_g"], paths.get("t5xxl")
         sd = open_state_dict(path)
+        mmdit_state_dict(sd)            # no MM-DiT (a VAE, a text encoder, a training state): say so first
         sources = {"mmdit": path, "vae": path}
         for kind, given in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl)):
             if not (kind == "t5xxl" and no_t5):
@@ -129,7 +132,10 @@ class SD3Pipeline:
         """A diffusers-format folder (``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``), or a
         Hub repository in that layout (e.g. stabilityai/stable-diffusion-3-medium-diffusers)."""
         root = Path(str(path_or_repo))
-        if not root.is_dir():
+        if root.is_dir():
+            _check_diffusers_folder(root)
+        else:
+            _check_repo_id(str(path_or_repo))
             patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
                         "tokenizer/*", "tokenizer_2/*"] + ([] if no_t5 else ["text_encoder_3/*", "tokenizer_3/*"])
             root = hub_download(str(path_or_repo), token=token, allow_patterns=patterns)
@@ -161,6 +167,7 @@ class SD3Pipeline:
 
         mmdit_config = MMDiTConfig.from_state_dict(mmdit_state_dict(state_dict_of(sources["mmdit"])))
         vae_config = VAEConfig.from_state_dict(vae_state_dict(state_dict_of(sources["vae"])))
+        check_text_encoders({k: v for k, v in sources.items() if k in TEXT_ENCODERS}, mmdit_config)
         mmdit = component(load_mmdit, sources["mmdit"], config=mmdit_config)
         vae = component(load_vae, sources["vae"], dtype=_vae_dtype(dtype), downscale=2 ** (len(vae_config.ch_mult) - 1))
         encoders = {kind: component(load_text_encoder, src, kind) for kind, src in sources.items()
@@ -209,27 +216,17 @@ class SD3Pipeline:
         ``init_image`` + ``denoise`` in (0, 1]: image-to-image. ``slg``: True for the reference's
         skip-layer guidance, or a dict(scale, start, end, layers).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        prompts, negatives = check_prompts(prompt, negative_prompt)
         steps = steps if steps is not None else self.defaults["steps"]
         cfg_scale = cfg_scale if cfg_scale is not None else self.defaults["cfg_scale"]
         shift = shift if shift is not None else self.defaults["shift"]
         sampler = sampler or self.defaults["sampler"]
-        slg = DEFAULT_SLG if slg is True else (slg or None)
-        if init_image is not None and (width is None or height is None):
-            width, height = (v // 16 * 16 for v in init_image.size)
+        check_sampling(steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
+                       denoise=denoise if init_image is not None else 1.0)
         cfg = self.mmdit.config
-        multiple, max_size = cfg.patch_size * self.vae_scale, cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale
-        width = width or self.default_size or min(1024, max_size)   # official models: 1024 x 1024
-        height = height or width
-        check_size(width, height, multiple, max_size)
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        if cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-        if init_image is not None and not 0 < denoise <= 1:
-            raise ValueError(f"denoise must be in (0, 1], got {denoise}")
-        seed = random.randrange(2**31) if seed is None else int(seed)
+        slg = self._slg(slg, cfg.depth)
+        width, height = self._size(width, height, init_image)
+        seed = random.randrange(2**31) if seed is None else check_seed(seed, len(prompts))
         self.last_seed = seed
 
         # Each stage is a method, so the modules it loaded are released when it returns.
@@ -249,6 +246,37 @@ class SD3Pipeline:
                                      f"steps: {steps}; cfg: {cfg_scale}; shift: {shift}; sampler: {sampler}; "
                                      f"size: {width}x{height}; model: {self.model}")
         return images
+
+    def _size(self, width, height, init_image):
+        """The image size: given, or the init image's (rounded down to a multiple of 16), or the default."""
+        cfg = self.mmdit.config
+        multiple, max_size = cfg.patch_size * self.vae_scale, cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale
+        if init_image is not None:
+            if not hasattr(init_image, "size") or not hasattr(init_image, "convert"):
+                raise ArgumentError(f"init_image must be a PIL image, got {type(init_image).__name__}")
+            if width is None or height is None:
+                if min(init_image.size) < 16:
+                    raise ArgumentError(f"init_image is {init_image.size[0]}x{init_image.size[1]} pixels; without "
+                                        "width and height its size, rounded down to a multiple of 16, is the "
+                                        "output size, so it must be at least 16x16 (or pass width and height)")
+                width, height = (v // 16 * 16 for v in init_image.size)
+        width = width if width is not None else (self.default_size or min(1024, max_size))   # official: 1024
+        height = height if height is not None else width
+        check_size(width, height, multiple, max_size)
+        return width, height
+
+    @staticmethod
+    def _slg(slg, depth: int):
+        """slg=True: the reference's skip-layer guidance (SD3.5-medium's layers 7, 8, 9), if this model has them."""
+        if slg is True:
+            if max(DEFAULT_SLG["layers"]) >= depth:
+                raise ArgumentError(f"slg=True is the reference's skip-layer guidance for SD3.5-medium (layers "
+                                    f"{', '.join(map(str, DEFAULT_SLG['layers']))}); this model has {depth} joint "
+                                    f"blocks: pass slg=dict(scale, start, end, layers) with layers in 0-{depth - 1}")
+            return DEFAULT_SLG
+        if slg is False:
+            return None
+        return check_slg(slg, depth)
 
     def _encode_text(self, prompts, negatives):
         """Prompts (and negative prompts, encoded like any prompt) -> cond, uncond = (context, pooled)."""
@@ -341,6 +369,33 @@ def _find_text_encoder(sd: dict, path: Path, kind: str):
     raise FileNotFoundError(
         f"no {kind} text encoder: {path.name} does not bundle one and there is no {names[0]} in "
         f"{path.parent / 'text_encoders'}. Pass {kind}=PATH, or no_t5=True to run without T5.")
+
+
+DIFFUSERS_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+
+def _check_diffusers_folder(root: Path):
+    """A folder must have diffusers' layout; say what it holds instead, and what to pass."""
+    missing = [d for d in DIFFUSERS_FOLDERS if not (root / d).is_dir()]
+    if not missing:
+        return
+    from .loading import HUB_MODELS
+
+    held = sorted(p.name + "/" * p.is_dir() for p in root.iterdir())
+    single = [name for name in held if name.endswith(".safetensors")]
+    what = "it is empty" if not held else f"it holds {', '.join(held[:5])}" + (", ..." if len(held) > 5 else "")
+    hint = (f"pass the file itself ({root / single[0]})" if single else
+            f"pass an official single file, a diffusers folder or one of {', '.join(HUB_MODELS)}")
+    raise CheckpointError(f"{root} is not a diffusers SD3 folder: it has no {', '.join(missing)}/ ({what}); {hint}")
+
+
+def _check_repo_id(name: str):
+    """Something that is neither a folder here nor a Hub repository id (owner/name)."""
+    import re
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.endswith(".safetensors"):
+        raise FileNotFoundError(f"no such folder: {name} (and it is not a Hub repository id such as "
+                                "stabilityai/stable-diffusion-3-medium-diffusers)")
 
 
 def _tokenizer(tokenizer, need_t5: bool, token=None) -> SD3Tokenizer:
