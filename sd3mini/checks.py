@@ -49,11 +49,11 @@ def check_choice(name: str, value, choices):
     return value
 
 
-def check_seed(seed, batch: int = 1) -> int:
+def check_seed(seed, batch: int = 1, name: str = "seed") -> int:
     """An integer that ``torch.Generator().manual_seed`` takes, for every image: seed ... seed + batch - 1."""
-    check_int("seed", seed)
+    check_int(name, seed)
     if not SEED_MIN <= seed <= SEED_MAX - (batch - 1):
-        raise ArgumentError(f"seed must be in [-2**63, 2**64 - {batch}] (what torch.Generator takes, for "
+        raise ArgumentError(f"{name} must be in [-2**63, 2**64 - {batch}] (what torch.Generator takes, for "
                             f"{batch} image{'s' * (batch > 1)}), got {seed}")
     return int(seed)
 

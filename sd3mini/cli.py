@@ -1,12 +1,18 @@
 """Command line: ``python -m sd3mini {info, generate} ...``."""
 
 import argparse
+import contextlib
+import difflib
 import math
+import os
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
+
+from .checks import ArgumentError, check_int, check_number, check_seed
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -71,16 +77,94 @@ def info(path: str) -> str:
 def load_pipeline(args):
     """The pipeline ``generate`` runs: the shipped tiny model when no --ckpt is given."""
     from .checkpoint import file_metadata
-    from .pipeline import SD3Pipeline
+    from .loading import HUB_MODELS
+    from .pipeline import SD3Pipeline, looks_like_repo
     from .toy.model import toy_pipeline
 
-    if args.ckpt is None or (Path(args.ckpt).is_file() and "sd3mini_toy" in file_metadata(args.ckpt)):
+    ckpt = Path(args.ckpt) if args.ckpt is not None else None
+    meta = file_metadata(ckpt) if ckpt is not None and ckpt.is_file() else {}
+    if ckpt is None or "sd3mini_toy" in meta:
+        check_toy_options(args)
         return toy_pipeline(args.ckpt, device=args.device or "cpu")
+    if "sd3mini_train" in meta:
+        raise ArgumentError(f"--ckpt {ckpt} is a train-toy training state (model, EMA and optimizer); generate "
+                            f"from the weights it exported: --ckpt {ckpt.parent / 'toy_sd3.safetensors'}")
     kwargs = dict(device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload, no_t5=args.no_t5)
-    if Path(args.ckpt).is_dir():
+    if ckpt.is_dir() or (not ckpt.exists() and args.ckpt not in HUB_MODELS and looks_like_repo(args.ckpt)):
         return SD3Pipeline.from_pretrained(args.ckpt, **kwargs)
+    if not ckpt.exists() and args.ckpt not in HUB_MODELS:
+        close = difflib.get_close_matches(args.ckpt, list(HUB_MODELS), n=1)
+        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or folder, and not a model name ("
+                                f"{', '.join(HUB_MODELS)}) or a Hub repository (owner/name)"
+                                + (f"; did you mean {close[0]}?" if close else ""))
     return SD3Pipeline.from_single_file(args.ckpt, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
                                         tokenizer=args.tokenizer, **kwargs)
+
+
+def check_toy_options(args):
+    """Refuse, never ignore, the options that do not apply to the tiny model."""
+    given = [(f"--{name.replace('_', '-')}", "it has one text encoder of its own")
+             for name in ("clip_l", "clip_g", "t5xxl", "tokenizer") if getattr(args, name) is not None]
+    given += [("--no-t5", "it has no T5")] * args.no_t5
+    if args.dtype not in (None, "fp32"):
+        given.append((f"--dtype {args.dtype}", "it runs in float32"))
+    if args.offload != "none":
+        given.append((f"--offload {args.offload}", "it is a few MB"))
+    if args.slg:
+        given.append(("--slg", "the reference's skip-layer guidance skips blocks 7-9 of SD3.5-medium, and the "
+                               "tiny model has 4 (sd3mini.sample(slg=...) takes any blocks)"))
+    if given:
+        raise ArgumentError("; ".join(f"{option} does not apply to the tiny model: {why}" for option, why in given)
+                            + ". Use it with --ckpt and an SD3 checkpoint")
+
+
+def check_output(path: Path, force: bool):
+    """The output can be written, before anything is sampled: an existing folder, a known image extension,
+    not a folder itself, and not an existing file unless --force."""
+    from PIL import Image
+
+    if path.is_dir():
+        raise ArgumentError(f"--output {path} is a folder; give a file name such as {path / 'out.png'}")
+    if not path.parent.is_dir():
+        raise ArgumentError(f"--output {path}: the folder {path.parent} does not exist")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ArgumentError(f"--output {path}: unknown image extension {path.suffix or '(none)'!r}; use .png, "
+                            ".jpg or .webp")
+    if path.exists() and not force:
+        raise ArgumentError(f"--output {path} exists; pass --force to overwrite it, or choose another name")
+
+
+def check_generate_args(args):
+    """Every option of ``generate`` that can be checked without the model, before it is loaded."""
+    for name in ("width", "height", "steps", "upscale"):
+        if getattr(args, name) is not None:
+            check_int(f"--{name}", getattr(args, name), minimum=1)
+    check_int("--grid", args.grid, minimum=1)
+    if args.cfg is not None:
+        check_number("--cfg", args.cfg, minimum=0)
+    if args.shift is not None:
+        check_number("--shift", args.shift, above=0)
+    if args.seed is not None:
+        check_seed(args.seed, args.grid**2, name="--seed")
+    if args.denoise is not None:
+        if args.init_image is None:
+            raise ArgumentError("--denoise applies to image-to-image only: pass --init-image too")
+        if not 0 < args.denoise <= 1:
+            raise ArgumentError(f"--denoise must be in (0, 1], got {args.denoise}")
+    if args.init_image is not None and not Path(args.init_image).is_file():
+        raise ArgumentError(f"--init-image {args.init_image}: no such file")
+    check_output(Path(args.output), args.force)
+
+
+def open_image(path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ArgumentError(f"--init-image {path} is not an image that PIL can read ({e})") from None
+    return image
 
 
 def generate(args) -> Path:
@@ -88,41 +172,58 @@ def generate(args) -> Path:
 
     from .pipeline import image_grid
 
+    check_generate_args(args)
+    init = open_image(args.init_image) if args.init_image else None
     pipe = load_pipeline(args)
-    init = Image.open(args.init_image) if args.init_image else None
     n = args.grid**2
+    steps = args.steps if args.steps is not None else pipe.defaults["steps"]
+    long_run = pipe.model != "toy" or n * steps >= TOY_QUIET_EVALUATIONS
     images = pipe([args.prompt] * n, args.negative, width=args.width, height=args.height, steps=args.steps,
                   cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, init_image=init,
-                  denoise=args.denoise, slg=True if args.slg else None, progress=n == 1 and pipe.model != "toy")
+                  denoise=args.denoise if args.denoise is not None else 0.8, slg=True if args.slg else None,
+                  progress=long_run)
     upscale = args.upscale or (4 if pipe.model == "toy" else 1)
     picture = image_grid(images, args.grid, upscale=upscale, gap=2 * upscale)   # white lines between images
     out = Path(args.output)
     meta = PngImagePlugin.PngInfo()
     meta.add_text("parameters", images[0].info["parameters"] + (f"; grid {args.grid}x{args.grid}, seeds "
                                                                   f"{pipe.last_seed}..{pipe.last_seed + n - 1}" if n > 1 else ""))
-    picture.save(out, pnginfo=meta)
+    tmp = out.with_name(f".{out.name}.tmp")             # written whole, then renamed: never half an image
+    picture.save(tmp, format=Image.registered_extensions()[out.suffix.lower()], pnginfo=meta)
+    os.replace(tmp, out)
     size = f"{images[0].width}x{images[0].height}" + (f", shown {upscale}x" if upscale > 1 else "")
     print(f"wrote {out}: {n} image{'s' * (n > 1)} of {size} ({pipe.model} model, seed {pipe.last_seed})")
     return out
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-toy"]:                       # its own parser: every recipe field is an option
-        from .toy.train import main as train_main
+# The tiny model runs ~100 model evaluations a second on one core: below this many, no progress bar.
+TOY_QUIET_EVALUATIONS = 2000
 
-        return train_main(argv[1:]) or 0
-    parser = argparse.ArgumentParser(prog="python -m sd3mini", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+EPILOG = """Errors print one line, "error: ...", and exit with 2 for a bad option (usage) or 1 when a run fails
+(a file that cannot be loaded, the Hub, numerics); --debug shows the traceback instead."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option on one line (no usage block) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="python -m sd3mini", description=__doc__, epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("train-toy", help="train the tiny SD3 from scratch (see: train-toy --help)")
 
     p = sub.add_parser("info", help="describe a checkpoint (reads only its header)")
     p.add_argument("file")
 
-    p = sub.add_parser("generate", help="text (or image) to image")
+    p = sub.add_parser("generate", help="text (or image) to image", epilog=EPILOG)
     p.add_argument("prompt")
-    p.add_argument("--ckpt", help="official single file, diffusers folder, or sd3_medium / sd3.5_large / ... "
-                                  "(default: the tiny model shipped with sd3mini)")
+    p.add_argument("--ckpt", help="official single file, diffusers folder, Hub repository (owner/name), or "
+                                  "sd3_medium / sd3.5_large / ... (default: the tiny model shipped with sd3mini)")
     p.add_argument("--negative", default="")
     p.add_argument("--clip-l"), p.add_argument("--clip-g"), p.add_argument("--t5xxl")
     p.add_argument("--tokenizer", help="T5 tokenizer folder or Hub repo (default google/t5-v1_1-xxl)")
@@ -131,20 +232,65 @@ def main(argv=None):
     p.add_argument("--steps", type=int), p.add_argument("--cfg", type=float), p.add_argument("--shift", type=float)
     p.add_argument("--sampler", choices=["euler", "dpmpp_2m"])
     p.add_argument("--seed", type=int)
-    p.add_argument("--init-image"), p.add_argument("--denoise", type=float, default=0.8)
+    p.add_argument("--init-image"), p.add_argument("--denoise", type=float, help="with --init-image (default 0.8)")
     p.add_argument("--slg", action="store_true", help="skip-layer guidance (SD3.5-medium)")
     p.add_argument("--device"), p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--offload", choices=["none", "model"], default="none")
     p.add_argument("--grid", type=int, default=1, help="an N x N grid of images, seeds SEED ... SEED + N*N - 1")
     p.add_argument("--upscale", type=int, help="enlarge the saved picture (nearest neighbour); default 4 for the tiny model")
-    p.add_argument("-o", "--output", default="out.png")
+    p.add_argument("-o", "--output", default="out.png", help="the picture to write (.png, .jpg, ...; default out.png)")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists (without it, an existing "
+                                                        "file is an error and nothing is sampled)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None):
+    """Run the command line; errors become one line on stderr and the exit status (2 usage, 1 failure)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        with one_line_warnings():
+            return run(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:                              # noqa: BLE001  (the CLI's one place for every failure)
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ArgumentError) else 1
+
+
+def run(argv) -> int:
+    if argv[:1] == ["train-toy"]:                       # its own parser: every recipe field is an option
+        from .toy.train import main as train_main
+
+        return train_main(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
     if args.command == "info":
         print(info(args.file))
     elif args.command == "generate":
         generate(args)
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings as "warning: ..." lines (not file:line and the source line)."""
+    previous = warnings.showwarning
+    warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ negative prompt, draw seeded noise on the CPU, sample with CFG, ``process_out``,
 
 import gc
 import random
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -389,11 +390,14 @@ def _check_diffusers_folder(root: Path):
     raise CheckpointError(f"{root} is not a diffusers SD3 folder: it has no {', '.join(missing)}/ ({what}); {hint}")
 
 
+def looks_like_repo(name: str) -> bool:
+    """A Hub repository id (owner/name), not a file name."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith(".safetensors")
+
+
 def _check_repo_id(name: str):
     """Something that is neither a folder here nor a Hub repository id (owner/name)."""
-    import re
-
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or name.endswith(".safetensors"):
+    if not looks_like_repo(name):
         raise FileNotFoundError(f"no such folder: {name} (and it is not a Hub repository id such as "
                                 "stabilityai/stable-diffusion-3-medium-diffusers)")
 

@@ -73,6 +73,9 @@ class ToyTextEncoder(nn.Module):
         for p in prompts:
             words = p.lower().replace(",", " ").split()
             unknown |= {w for w in words if w not in index}
+            if len(words) > MAX_TOKENS - 2:         # as the real encoders: truncate, and say what was dropped
+                warnings.warn(f"prompt is longer than the tiny model's {MAX_TOKENS - 2} words and was truncated; "
+                              f"dropped: {' '.join(words[MAX_TOKENS - 2:])!r}", stacklevel=3)
             ids = [1] + [index.get(w, 3) for w in words][: MAX_TOKENS - 2] + [2]
             rows.append(ids + [0] * (MAX_TOKENS - len(ids)))
         if unknown:
@@ -147,14 +150,79 @@ def load_toy(path=None, device="cpu"):
     path = Path(path) if path is not None else shipped_path()
     if not path.exists():
         raise FileNotFoundError(f"no tiny-model weights at {path}; train them with `python -m sd3mini train-toy`")
-    meta = json.loads(file_metadata(path)["sd3mini_toy"])
+    meta = toy_metadata(path)
     sd = state_dict_of(path)
-    mmdit_cfg = MMDiTConfig(**{**meta["mmdit"], "x_block_self_attn_layers": tuple(meta["mmdit"]["x_block_self_attn_layers"])})
-    mmdit = build(lambda: MMDiT(mmdit_cfg), {k[6:]: v for k, v in sd.items() if k.startswith("mmdit.")},
+    mmdit_sd = {k[6:]: v for k, v in sd.items() if k.startswith("mmdit.")}
+    text_sd = {k[5:]: v for k, v in sd.items() if k.startswith("text.")}
+    mmdit_cfg = _check_mmdit_shapes(path, meta, mmdit_sd)     # from the header alone: nothing is allocated yet
+    _check_text_shapes(path, meta, text_sd)
+    mmdit = build(lambda: MMDiT(mmdit_cfg), mmdit_sd,
                   what="tiny MM-DiT", device=device, dtype=torch.float32, meta=False)   # 5 MB: the CPU is quicker
-    text = build(lambda: ToyTextEncoder(**meta["text"]), {k[5:]: v for k, v in sd.items() if k.startswith("text.")},
+    text = build(lambda: ToyTextEncoder(**meta["text"]), text_sd,
                  what="tiny text encoder", device=device, dtype=torch.float32, meta=False)
     return mmdit, text, meta
+
+
+TOY_META_KEYS = ("mmdit", "text", "latent_scale", "latent_shift", "image_size", "defaults")
+
+
+def toy_metadata(path) -> dict:
+    """The ``sd3mini_toy`` metadata of a tiny-model checkpoint, or a CheckpointError that says what is wrong."""
+    from ..checkpoint import CheckpointError, describe_checkpoint, file_metadata, open_state_dict
+
+    raw = file_metadata(path).get("sd3mini_toy")
+    if raw is None:
+        looks = describe_checkpoint(open_state_dict(path))
+        raise CheckpointError(f"{path} is not a tiny-model checkpoint (no sd3mini_toy metadata); it looks like {looks}")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its sd3mini_toy metadata is not valid JSON ({e})") from None
+    missing = [k for k in TOY_META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: its sd3mini_toy metadata lacks {', '.join(missing)}")
+    return meta
+
+
+def _check_mmdit_shapes(path, meta: dict, sd: dict) -> MMDiTConfig:
+    """The MM-DiT the metadata describes must be the one the tensors hold (checked on their shapes, so a
+    small file whose metadata describes a huge model is refused before anything is allocated)."""
+    from ..checkpoint import CheckpointError
+
+    try:
+        described = MMDiTConfig(**{**meta["mmdit"], "x_block_self_attn_layers":
+                                   tuple(meta["mmdit"].get("x_block_self_attn_layers", ()))})
+        held = MMDiTConfig.from_state_dict(sd)
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: its metadata describes an MM-DiT ({meta['mmdit']!r:.200}) that its "
+                              f"tensors do not hold ({e})") from None
+    if described != held:
+        diff = ", ".join(f"{k} {getattr(described, k)} (tensors: {getattr(held, k)})"
+                         for k in described.__dataclass_fields__ if getattr(described, k) != getattr(held, k))
+        raise CheckpointError(f"{path}: its metadata does not match its tensors: {diff}")
+    qkv = (3 * held.hidden_size, held.hidden_size)
+    for i in range(held.depth):                   # every block is there, at full size
+        key = f"joint_blocks.{i}.x_block.attn.qkv.weight"
+        if key not in sd or tuple(sd[key].shape) != qkv:
+            raise CheckpointError(f"{path}: joint block {i} is missing or has the wrong size ({key})")
+    return described
+
+
+def _check_text_shapes(path, meta: dict, sd: dict):
+    from ..checkpoint import CheckpointError
+
+    text = meta["text"]
+    try:
+        width, layers, heads = text["width"], text["layers"], text.get("heads", 2)
+        emb = tuple(sd["token_embedding.weight"].shape)
+        blocks = [tuple(sd[f"blocks.{i}.qkv.weight"].shape) for i in range(layers)]
+        ok = emb == (len(VOCAB), width) and blocks == [(3 * width, width)] * layers and f"blocks.{layers}.qkv.weight" \
+            not in sd and width % heads == 0 and text.get("pool", "eos") in ("eos", "mean")
+    except (TypeError, KeyError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: its metadata describes a text encoder ({text!r:.120}) that its tensors "
+                              "do not hold")
 
 
 def toy_pipeline(path=None, device="cpu"):
