@@ -18,6 +18,7 @@ script does not know (``--threads``, ``--eval-every``, ``--seed``, model sizes) 
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 from reexport import reexport
@@ -53,10 +54,15 @@ def main(argv=None):
                 shutil.copy(previous / "last.safetensors", folder / "last.safetensors")
             flags = schedule | {"--steps": end // d} | {k: v // d if k == "--cooldown" else v
                                                          for k, v in stage_args.items()}
-            train_toy([str(a) for kv in flags.items() for a in kv] + passed_on + ["--out", str(folder), "--resume"])
+            # A stage resumes the last one's state with its own recipe (--resume --force), or starts afresh (--force).
+            again = ["--resume", "--force"] if (folder / "last.safetensors").exists() else ["--force"]
+            code = train_toy([str(a) for kv in flags.items() for a in kv] + passed_on + ["--out", str(folder)] + again)
+            if code:                                    # stopped by a signal: the next run resumes this stage
+                return code
         previous = folder
     reexport(previous / "last.safetensors", out / "toy_sd3.safetensors", CFG_SCALE)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -156,7 +156,13 @@ def describe_checkpoint(keys) -> str:
 
 
 def save_state_dict(sd: dict[str, torch.Tensor], path, metadata: dict | None = None):
-    """Write a safetensors file. Tensors must not share storage (pass tied weights once)."""
+    """Write a safetensors file. Tensors must not share storage (pass tied weights once).
+
+    The file is written under a temporary name and then renamed, so ``path`` is never half-written
+    (whatever the safetensors version does)."""
     tensors = {k: v.detach().contiguous() for k, v in sd.items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)

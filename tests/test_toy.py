@@ -141,7 +141,7 @@ def test_a_run_resumed_in_stages_gives_one_curve(tmp_path):
     train(Recipe(**TINY), tmp_path / "a", progress=False)
     (tmp_path / "b").mkdir()
     shutil.copy(tmp_path / "a" / "last.safetensors", tmp_path / "b")
-    train(Recipe(**TINY | {"steps": 7, "lr": 5e-4}), tmp_path / "b", resume=True, progress=False)
+    train(Recipe(**TINY | {"steps": 7, "lr": 5e-4}), tmp_path / "b", resume=True, force=True, progress=False)
     curve = stitched([(tmp_path / "a", 0), (tmp_path / "b", 4)])
     assert curve["steps_trained"] == 7
     assert [(st["from_step"], st["recipe"]["lr"]) for st in curve["stages"]] == [(0, 1e-3), (4, 5e-4)]

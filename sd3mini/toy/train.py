@@ -15,8 +15,10 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -24,7 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import file_metadata, open_state_dict, save_state_dict
+from ..checkpoint import CheckpointError, file_metadata, open_state_dict, save_state_dict
+from ..checks import ArgumentError, check_choice, check_int, check_number
 from ..flow import TIMESTEP_SAMPLERS, flow_matching_loss, interpolate, process_in, sample_t, time_shift
 from ..mmdit import MMDiT
 from . import data
@@ -62,6 +65,46 @@ class Recipe:
     seed: int = 0
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_recipe(r: Recipe):
+    """Refuse a recipe that would crash or train nonsense; the message names the option, its value, the rule."""
+    for name in ("steps", "batch", "depth", "heads", "patch", "width", "text_width", "text_layers"):
+        check_int(_flag(name), getattr(r, name), minimum=1)
+    for name in ("warmup", "cooldown", "singles_first", "seed"):
+        check_int(_flag(name), getattr(r, name), minimum=0)
+    if r.cooldown > r.steps:
+        raise ArgumentError(f"the cool-down ({r.cooldown} steps) is longer than the run ({r.steps} steps); "
+                            f"pass --cooldown {r.steps // 3} or less (0 keeps the learning rate constant)")
+    for name in ("width", "text_width"):
+        if getattr(r, name) % (4 * r.heads):         # whole heads, and the sin-cos position code needs 4 | width
+            raise ArgumentError(f"{_flag(name)} {getattr(r, name)} must be divisible by 4 x --heads ({4 * r.heads})")
+    if data.IMAGE_SIZE % r.patch:
+        raise ArgumentError(f"--patch {r.patch} must divide the image size {data.IMAGE_SIZE}")
+    check_number("--lr", r.lr, above=0)
+    check_number("--grad-clip", r.grad_clip, above=0)
+    check_number("--t-shift", r.t_shift, above=0)
+    check_number("--weight-decay", r.weight_decay, minimum=0)
+    check_number("--cfg-scale", r.cfg_scale, minimum=0)
+    for name in ("ema", "cfg_drop", "p_pair"):
+        check_number(_flag(name), getattr(r, name), minimum=0, maximum=1)
+    check_choice("--t-sampler", r.t_sampler, TIMESTEP_SAMPLERS)
+    check_choice("--text-pool", r.text_pool, ("eos", "mean"))
+
+
+# Fields that fix the model's shape: a checkpoint cannot be resumed with others, even with --force.
+ARCHITECTURE = ("width", "depth", "heads", "patch", "text_width", "text_layers", "text_pool")
+
+
+def recipe_changes(saved: Recipe, r: Recipe) -> dict:
+    """{field: (saved value, new value)} for every field that differs, except ``steps`` (extending a run
+    by resuming it with more steps is the normal use)."""
+    return {f.name: (getattr(saved, f.name), getattr(r, f.name)) for f in fields(Recipe)
+            if f.name != "steps" and getattr(saved, f.name) != getattr(r, f.name)}
+
+
 class ToySD3(nn.Module):
     """The trainable pair: text encoder + MM-DiT. forward -> the predicted velocity."""
 
@@ -78,7 +121,7 @@ class ToySD3(nn.Module):
 def learning_rate(r: Recipe, step: int) -> float:
     """Warm-up, constant, then a linear cool-down to 0 over the last ``r.cooldown`` steps. The
     schedule up to the cool-down does not depend on ``r.steps``, so a run can be extended by resuming."""
-    warm = min(1.0, (step + 1) / r.warmup)
+    warm = min(1.0, (step + 1) / r.warmup) if r.warmup else 1.0
     cool = min(1.0, (r.steps - step) / r.cooldown) if r.cooldown else 1.0
     return r.lr * warm * cool
 
@@ -112,13 +155,15 @@ def save_training_state(path, model, ema, opt, step, meta):
     for i, s in state["state"].items():
         sd |= {f"opt.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in s.items()}
     meta = meta | {"step": step, "param_groups": state["param_groups"]}
-    save_state_dict(sd, Path(path).with_suffix(".tmp"), metadata={"sd3mini_train": json.dumps(meta)})
-    os.replace(Path(path).with_suffix(".tmp"), path)        # never leave a half-written checkpoint
+    save_state_dict(sd, path, metadata={"sd3mini_train": json.dumps(meta)})    # atomic: a temporary file, renamed
 
 
 def training_meta(path) -> dict:
     """What a ``last.safetensors`` stores beside the tensors: step, elapsed, recipe, latent scale/shift, ..."""
-    return json.loads(file_metadata(path)["sd3mini_train"])
+    raw = file_metadata(path).get("sd3mini_train")
+    if raw is None:
+        raise CheckpointError(f"{path} is not a train-toy training state (no sd3mini_train metadata)")
+    return json.loads(raw)
 
 
 def load_training_state(path, model, ema, opt) -> dict:
@@ -143,7 +188,7 @@ def export(path, ema: ToySD3, r: Recipe, scale: float, shift: float, extra: dict
             "defaults": dict(steps=20, cfg_scale=r.cfg_scale, shift=r.t_shift, sampler="euler")} | (extra or {})
     sd = {f"mmdit.{k}": v.half() for k, v in ema.mmdit.state_dict().items()}
     sd |= {f"text.{k}": v.half() for k, v in ema.text.state_dict().items()}
-    save_state_dict(sd, path, metadata={"sd3mini_toy": json.dumps(meta)})
+    save_state_dict(sd, path, metadata={"sd3mini_toy": json.dumps(meta)})      # atomic: a temporary file, renamed
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -183,24 +228,113 @@ def _setup_distributed():
     return rank, world, device
 
 
-def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: bool = False, eval_every: int = 0,
-          eval_size: int = 60, save_every: int = 1000, progress: bool = True) -> dict:
-    if r.cooldown > r.steps:
-        raise ValueError(f"the cool-down ({r.cooldown} steps) is longer than the run ({r.steps} steps); "
-                         f"pass --cooldown {r.steps // 3} or less (0 keeps the learning rate constant)")
-    rank, world, device = _setup_distributed()
+RUN_FILES = ("last.safetensors", "toy_sd3.safetensors", "train_log.jsonl")
+
+
+def check_out(out: Path, r: Recipe, resume: bool, force: bool) -> list[str]:
+    """What ``train`` may do with ``out``, checked before anything is written (on every rank, before they
+    meet). Returns the recipe changes a forced resume accepts, as "field old -> new" strings."""
+    state = out / "last.safetensors"
+    if resume:
+        if not state.exists():
+            raise ArgumentError(f"--resume: {out} has no last.safetensors to resume from; leave out --resume to "
+                                "start a run")
+        saved = Recipe(**training_meta(state)["recipe"])
+        changes = recipe_changes(saved, r)
+        shape = [f"{k} {a} -> {b}" for k, (a, b) in changes.items() if k in ARCHITECTURE]
+        if shape:
+            raise ArgumentError(f"--resume: {state} holds another model ({', '.join(shape)}); a run resumes with "
+                                "its own model size")
+        told = [f"{k} {a} -> {b}" for k, (a, b) in changes.items()]
+        if told and not force:
+            raise ArgumentError(f"--resume with another recipe than {state}'s: {', '.join(told)}; pass --force "
+                                "to resume with it (its checkpoints record the new recipe)")
+        return told
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not force:
+        raise ArgumentError(f"--out {out} already holds a run ({', '.join(existing)}); pass --resume to continue "
+                            "it, or --force to start over (which deletes them)")
+    return []
+
+
+def trim_log(path: Path, step: int):
+    """Keep the log rows up to ``step`` (the saved one): rows written after the last save are redone."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(row + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM ask the loop to stop after the current step, which then saves as at the end.
+    A second SIGINT interrupts at once (the usual KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def requested(self, world: int, device) -> bool:
+        """Whether to stop now; under DDP, every rank stops at the same step when any rank got a signal."""
+        stop = self.received is not None
+        if world > 1:
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+
+def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: bool = False, force: bool = False,
+          eval_every: int = 0, eval_size: int = 60, save_every: int = 1000, progress: bool = True) -> dict:
+    """Train (or, with ``resume``, continue) a run in the folder ``out``.
+
+    A folder that holds a run is refused unless ``resume`` (continue it) or ``force`` (start over: its
+    checkpoints and log are deleted); resuming with another recipe than the saved one (other than a
+    larger ``steps``) needs ``force`` too. Checkpoints are written every ``save_every`` steps, at the
+    end, and when SIGINT or SIGTERM stops the run (the result then has ``interrupted``: the signal).
+    """
+    check_recipe(r)
+    check_int("--save-every", save_every, minimum=1)
+    check_int("--eval-every", eval_every, minimum=0)
+    if minutes is not None:
+        check_number("--minutes", minutes, above=0)
     out = Path(out)
+    changes = check_out(out, r, resume, force)
+    rank, world, device = _setup_distributed()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if force and not resume:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        if changes:
+            tqdm.write(f"resuming with a changed recipe: {', '.join(changes)}")
     torch.manual_seed(r.seed)                               # the same initial weights on every rank
     model = ToySD3(r).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=r.weight_decay)
     scale, shift = data_stats()
     step, elapsed = 0, 0.0
-    if resume and (out / "last.safetensors").exists():
+    if resume:
         meta = load_training_state(out / "last.safetensors", model, ema, opt)
         step, elapsed = meta["step"], meta["elapsed"]
+        if rank == 0:
+            trim_log(out / "train_log.jsonl", step)
     trainer = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     n_params = sum(p.numel() for p in model.parameters())
     log = open(out / "train_log.jsonl", "a") if rank == 0 else None
@@ -208,38 +342,43 @@ def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: b
     bar = tqdm(total=r.steps, initial=step, disable=not progress or rank != 0, desc="train-toy")
     start = time.time() - elapsed
     meta = {"recipe": asdict(r), "world": world, "params": n_params, "latent_scale": scale, "latent_shift": shift}
-    while step < r.steps and not (minutes and (time.time() - start) / 60 >= minutes):
-        x0, captions, noise, t = training_batch(r, step, rank, scale, shift)
-        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        tokens = model.text.tokenize(captions)
-        v = trainer(interpolate(x0, noise, t), t, tokens)
-        loss = flow_matching_loss(v, x0, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(r, step)
-        opt.step()
-        decay = min(r.ema, (1 + step) / (10 + step))       # EMA warm-up: early weights fade fast
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - decay)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if log is not None:
-            record = {"step": step, "loss": round(loss.item(), 5), "minutes": round((time.time() - start) / 60, 3)}
-            if eval_every and step % eval_every == 0:
-                record["eval"] = evaluate(ema, evals, scale=scale, shift=shift, sample_shift=r.t_shift,
-                                          cfg_scale=r.cfg_scale)
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in record["eval"].items()))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-        if rank == 0 and (step % save_every == 0 or step == r.steps):
-            meta["elapsed"] = time.time() - start
-            save_training_state(out / "last.safetensors", model, ema, opt, step, meta)
-            export(out / "toy_sd3.safetensors", ema, r, scale, shift, {"steps_trained": step, "world": world})
+    with StopOnSignal() as stop:
+        while step < r.steps and not (minutes and (time.time() - start) / 60 >= minutes):
+            x0, captions, noise, t = training_batch(r, step, rank, scale, shift)
+            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+            tokens = model.text.tokenize(captions)
+            v = trainer(interpolate(x0, noise, t), t, tokens)
+            loss = flow_matching_loss(v, x0, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(r, step)
+            opt.step()
+            decay = min(r.ema, (1 + step) / (10 + step))       # EMA warm-up: early weights fade fast
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p, 1 - decay)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if log is not None:
+                record = {"step": step, "loss": round(loss.item(), 5), "minutes": round((time.time() - start) / 60, 3)}
+                if eval_every and step % eval_every == 0:
+                    record["eval"] = evaluate(ema, evals, scale=scale, shift=shift, sample_shift=r.t_shift,
+                                              cfg_scale=r.cfg_scale)
+                    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in record["eval"].items()))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if stop.requested(world, device):
+                break
+            if rank == 0 and step % save_every == 0 and step < r.steps:
+                meta["elapsed"] = time.time() - start
+                save_training_state(out / "last.safetensors", model, ema, opt, step, meta)
+                export(out / "toy_sd3.safetensors", ema, r, scale, shift, {"steps_trained": step, "world": world})
     bar.close()
+    if log is not None:
+        log.close()
     meta["elapsed"] = time.time() - start
     if rank == 0:
         save_training_state(out / "last.safetensors", model, ema, opt, step, meta)
@@ -255,7 +394,7 @@ def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: b
         dist.destroy_process_group()
         if not same:
             raise RuntimeError("DDP ranks ended with different weights")
-    return {"steps": step, "minutes": meta["elapsed"] / 60, "params": n_params}
+    return {"steps": step, "minutes": meta["elapsed"] / 60, "params": n_params, "interrupted": stop.received}
 
 
 def eval_captions_subset(n: int) -> list[str]:
@@ -274,14 +413,28 @@ def main(argv=None):
                        choices=TIMESTEP_SAMPLERS if name == "t_sampler" else None)
     p.add_argument("--out", default="runs/toy", help="folder for checkpoints and the log")
     p.add_argument("--minutes", type=float, help="stop after this much wall time")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors (the same recipe; "
+                                                         "a larger --steps extends the run)")
+    p.add_argument("--force", action="store_true", help="without --resume: start over in an OUT that holds a run "
+                                                        "(deletes its checkpoints and log); with --resume: accept a "
+                                                        "changed recipe")
+    p.add_argument("--save-every", type=int, default=1000, help="write the checkpoints every N steps (default "
+                                                                "1000; also at the end and on SIGINT / SIGTERM)")
     p.add_argument("--eval-every", type=int, default=0, help="judge the EMA model every N steps")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(check_int("--threads", args.threads, minimum=1))
     r = Recipe(**{k: getattr(args, k) for k in asdict(Recipe())})
-    result = train(r, args.out, minutes=args.minutes, resume=args.resume, eval_every=args.eval_every)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"trained {result['steps']} steps in {result['minutes']:.1f} min ({result['params'] / 1e6:.2f} M "
-              f"parameters); weights: {Path(args.out) / 'toy_sd3.safetensors'}")
+    result = train(r, args.out, minutes=args.minutes, resume=args.resume, force=args.force,
+                   save_every=args.save_every, eval_every=args.eval_every)
+    weights = Path(args.out) / "toy_sd3.safetensors"
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    if result["interrupted"]:
+        print(f"stopped by {result['interrupted']} at step {result['steps']}; saved {Path(args.out) / 'last.safetensors'} "
+              f"and {weights}: continue with --resume")
+        return 128 + signal.Signals[result["interrupted"]].value
+    print(f"trained {result['steps']} steps in {result['minutes']:.1f} min ({result['params'] / 1e6:.2f} M "
+          f"parameters); weights: {weights}")
+    return 0
