@@ -139,6 +139,10 @@ def describe_checkpoint(keys) -> str:
         parts.append("an SDXL UNet ('input_blocks.*'), not SD3" if sdxl else "an SD 1.x/2.x UNet ('input_blocks.*'), not SD3")
     elif has(r"down_blocks\.\d+\.attentions") or has(r"conv_in\.weight") and has(r"time_embedding\."):
         parts.append("a diffusers UNet, not SD3")
+    if has(r"ema\.mmdit\.joint_blocks\.") and has(r"opt\."):
+        parts.append("a train-toy training state (model, EMA and optimizer; its toy_sd3.safetensors has the weights)")
+    elif has(r"mmdit\.joint_blocks\.") and has(r"text\.token_embedding\."):
+        parts.append("a tiny-model checkpoint (sd3mini.toy)")
     if has(r"(first_stage_model\.)?encoder\.down\.\d+\.block"):
         parts.append("an LDM-layout VAE")
     elif has(r"encoder\.down_blocks\.\d+\.resnets"):

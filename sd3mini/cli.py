@@ -252,6 +252,8 @@ def main(argv=None):
     try:
         with one_line_warnings():
             return run(argv)
+    except SystemExit as e:                             # argparse: --help (0) or a bad option (2), already printed
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -96,3 +96,37 @@ def tiny_pipeline(offload="none", t5=True):
     tokenizer = SD3Tokenizer(t5=tiny_t5_tokenizer() if t5 else None)
     text = SD3TextEncoder(encs["clip_l"], encs["clip_g"], encs.get("t5xxl"), tokenizer, context_dim=256)
     return SD3Pipeline(tiny_mmdit(), load_vae(GOLDEN / "vae.safetensors"), text, device="cpu", offload=offload)
+
+
+def save_hub_layout(folder, pipe=None):
+    """The Hub layout in miniature: ``model.safetensors`` (tiny MM-DiT + golden VAE) with
+    ``text_encoders/{clip_l, clip_g, t5xxl_fp16}.safetensors`` beside it. Returns the model file."""
+    import sd3mini
+    from sd3mini.loading import save_single_file
+
+    folder = Path(folder)
+    encs = tiny_text_encoders()
+    save_single_file(folder / "model.safetensors", mmdit=pipe.mmdit if pipe else tiny_mmdit(),
+                     vae=pipe.vae if pipe else sd3mini.load_vae(GOLDEN / "vae.safetensors"))
+    for kind, name in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5xxl", "t5xxl_fp16")):
+        sd = {k: v for k, v in encs[kind].transformer.state_dict().items() if k != "encoder.embed_tokens.weight"}
+        sd3mini.checkpoint.save_state_dict(sd, folder / "text_encoders" / f"{name}.safetensors")
+    return folder / "model.safetensors"
+
+
+def sparse_checkpoint(path, shapes: dict, metadata: dict | None = None):
+    """A full-size safetensors file whose data is a hole: a valid header, then zeros the disk never stores."""
+    import math
+
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        n = 2 * math.prod(shape)
+        header[key] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)
+    return path
