@@ -1,5 +1,6 @@
 """The embedded tiny SD3: data, judge, training (resume, DDP), and the shipped model's quality."""
 
+import json
 import os
 import random
 import shutil
@@ -280,3 +281,65 @@ def test_cli_generates_with_the_shipped_model(tmp_path, capsys):
 def test_cooldown_longer_than_the_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="cool-down"):
         train(Recipe(**TINY | {"cooldown": 5}), tmp_path, progress=False)
+
+
+# --- interrupting and resuming --------------------------------------------------------------------
+QUICK = dict(steps=40, batch=2, width=32, depth=1, text_width=32, text_layers=1, heads=1, warmup=2, cooldown=10)
+
+
+def test_sigterm_saves_and_the_resumed_run_is_exact(tmp_path):
+    """SIGTERM a train-toy run mid-way: it saves its state at the step it reached and exits 143; resumed,
+    it ends with the weights of a run that was never interrupted, and its log has each step once."""
+    import signal
+    import time
+
+    from sd3mini.checkpoint import open_state_dict
+
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items()]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "sd3mini", "train-toy", *args, "--out", str(tmp_path / "cut"),
+                            "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           cwd=Path(__file__).parents[1])
+    log = tmp_path / "cut" / "train_log.jsonl"
+    deadline = time.time() + 60
+    while not (log.exists() and log.read_text().count("\n") >= 3) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped_at = training_meta_step(tmp_path / "cut" / "last.safetensors")
+    assert 3 <= stopped_at < QUICK["steps"] and f"stopped by SIGTERM at step {stopped_at}" in out
+    assert "Traceback" not in err
+
+    train(Recipe(**QUICK), tmp_path / "cut", resume=True, progress=False)
+    train(Recipe(**QUICK), tmp_path / "whole", progress=False)
+    cut, whole = open_state_dict(tmp_path / "cut" / "last.safetensors"), open_state_dict(tmp_path / "whole" / "last.safetensors")
+    assert cut.keys() == whole.keys()
+    for k in cut:
+        assert torch.equal(cut[k].load(), whole[k].load()), k
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, QUICK["steps"] + 1))
+
+
+def training_meta_step(path) -> int:
+    from sd3mini.toy.train import training_meta
+
+    return training_meta(path)["step"]
+
+
+def test_save_every_and_the_log_is_trimmed_on_resume(tmp_path, monkeypatch):
+    """Checkpoints every --save-every steps and at the end; rows logged after the last save (a crash) are
+    dropped when the run resumes, so the log never holds a step twice."""
+    import sd3mini.toy.train as toy_train
+
+    saved = []
+    real = toy_train.save_training_state
+    monkeypatch.setattr(toy_train, "save_training_state", lambda path, *a: saved.append(a[3]) or real(path, *a))
+    r = Recipe(**QUICK | {"steps": 5, "cooldown": 0})
+    train(r, tmp_path, save_every=2, progress=False)
+    assert saved == [2, 4, 5]
+    log = tmp_path / "train_log.jsonl"
+    log.write_text(log.read_text() + '{"step": 6, "loss": 9.0, "minutes": 0}\n')   # logged, then a crash
+    train(Recipe(**QUICK | {"steps": 7, "cooldown": 0}), tmp_path, resume=True, progress=False)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6, 7] and rows[5]["loss"] != 9.0
