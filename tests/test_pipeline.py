@@ -1,5 +1,7 @@
 """SD3Pipeline end to end on tiny random weights (CPU, float32)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -33,8 +35,24 @@ def test_same_seed_same_pixels(pipe):
 
 
 def test_model_offload_gives_the_same_pixels(pipe):
+    """offload="model": each component visits the device for its own stage only (moved there before it runs,
+    moved back after), and the pixels are those of the resident pipeline."""
     offloaded = tiny_pipeline(offload="model")
-    assert np.array_equal(pixels(pipe("a cat", seed=1, **KW)), pixels(offloaded("a cat", seed=1, **KW)))
+    events = []
+
+    def record(obj, name, method, what):
+        real = getattr(obj, method)
+        setattr(obj, method, lambda *a, **k: events.append(f"{name} {what}") or real(*a, **k))
+
+    for name, module, run in (("text", offloaded.text_encoder, "encode"), ("mmdit", offloaded.mmdit, "forward"),
+                              ("vae", offloaded.vae, "decode")):
+        record(module, name, "to", "moved")
+        record(module, name, run, "runs")
+    images = offloaded("a cat", seed=1, **KW)
+    runs = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]          # 3 mmdit steps -> one entry
+    assert runs == ["text moved", "text runs", "text moved", "mmdit moved", "mmdit runs", "mmdit moved",
+                    "vae moved", "vae runs", "vae moved"]
+    assert np.array_equal(pixels(pipe("a cat", seed=1, **KW)), pixels(images))
 
 
 def test_batch_item_i_uses_seed_plus_i(pipe):
@@ -50,20 +68,76 @@ def test_random_seed_is_reported(pipe):
     assert np.array_equal(pixels(images), pixels(pipe("a cat", seed=seed, **KW)))
 
 
+class SkipBlock(torch.nn.Module):
+    """A joint block that does nothing: (context, x) pass through, for a reference of skip-layer guidance."""
+
+    def forward(self, context, x, c):
+        return context, x
+
+
+@torch.no_grad()
+def reference(pipe, prompt, negative="", *, seed, steps=3, cfg=5.0, shift=3.0, sampler="euler", init=None,
+              denoise=1.0, slg_scale=0.0, slg_block=0):
+    """The pipeline's steps written out from its parts (not ``SD3Pipeline.__call__`` nor ``sample``): seeded
+    noise, CFG on [cond; uncond], SLG with a copy of the MM-DiT whose block is removed, Euler or DPM++(2M)."""
+    from test_sampling import reference_dpmpp_2m
+
+    from sd3mini.vae import image_to_tensor, tensor_to_images
+
+    context, pooled = pipe.text_encoder.encode([prompt, negative])
+    skipped = copy.deepcopy(pipe.mmdit)
+    skipped.joint_blocks[slg_block] = SkipBlock()
+
+    def x0(model, x, sigma, ctx, y):
+        return x - model(x, (sigma * 1000).expand(len(x)), y=y, context=ctx) * sigma
+
+    step = [0]
+
+    def denoised(x, sigma):
+        pos, neg = x0(pipe.mmdit, torch.cat([x, x]), sigma, context, pooled).chunk(2)
+        out = neg + cfg * (pos - neg)
+        if slg_scale and 0 < step[0] < steps:                   # start 0, end 1: every step but the first
+            out = out + slg_scale * (pos - x0(skipped, x, sigma, context[:1], pooled[:1]))
+        step[0] += 1
+        return out
+
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
+    sigmas = sd3mini.get_sigmas(steps, shift)
+    x = noise
+    if init is not None:
+        z = pipe.vae.encode(image_to_tensor(init, 64, 64), generator=torch.Generator().manual_seed(seed))
+        sigmas = sigmas[int(steps * (1 - denoise)):]
+        x = sigmas[0] * noise + (1 - sigmas[0]) * sd3mini.process_in(z)
+    if sampler == "dpmpp_2m":
+        x = reference_dpmpp_2m(denoised, x, sigmas)
+    else:
+        for i in range(len(sigmas) - 1):
+            x = x + (x - denoised(x, sigmas[i])) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return pixels(tensor_to_images(pipe.vae.decode(sd3mini.process_out(x))))
+
+
+def assert_same(images, expected):
+    assert np.abs(pixels(images).astype(int) - expected.astype(int)).max() <= 1    # at most float rounding
+
+
 def test_negative_prompt_and_guidance_change_the_image(pipe):
-    base = pixels(pipe("a cat", seed=0, **KW))
-    assert not np.array_equal(base, pixels(pipe("a cat", "a dog", seed=0, **KW)))
-    assert not np.array_equal(base, pixels(pipe("a cat", seed=0, cfg_scale=1.0, **KW)))
+    with_negative = pipe("a cat", "a dog", seed=0, **KW)
+    assert_same(with_negative, reference(pipe, "a cat", "a dog", seed=0))
+    assert np.abs(pixels(with_negative).astype(int) - reference(pipe, "a cat", "", seed=0)).max() > 10   # it is used
+    assert_same(pipe("a cat", seed=0, cfg_scale=1.0, **KW), reference(pipe, "a cat", seed=0, cfg=1.0))
 
 
 def test_img2img_and_slg_and_samplers(pipe):
     init = Image.fromarray((np.arange(64 * 64 * 3) % 255).astype(np.uint8).reshape(64, 64, 3))
     out = pipe("a cat", seed=0, init_image=init, denoise=0.5, steps=4, progress=False)
     assert out[0].size == (64, 64)
+    assert_same(out, reference(pipe, "a cat", seed=0, steps=4, init=init, denoise=0.5))
     slg = dict(scale=2.5, start=0.0, end=1.0, layers=[0])
-    plain = pixels(pipe("a cat", seed=0, **KW))
-    assert not np.array_equal(plain, pixels(pipe("a cat", seed=0, slg=slg, **KW)))
-    assert not np.array_equal(plain, pixels(pipe("a cat", seed=0, sampler="dpmpp_2m", **KW)))
+    assert_same(pipe("a cat", seed=0, slg=slg, **KW), reference(pipe, "a cat", seed=0, slg_scale=2.5))
+    assert_same(pipe("a cat", seed=0, sampler="dpmpp_2m", **KW), reference(pipe, "a cat", seed=0, sampler="dpmpp_2m"))
+    plain = reference(pipe, "a cat", seed=0)                               # and each of them changes the image
+    for images in (out, pipe("a cat", seed=0, slg=slg, **KW), pipe("a cat", seed=0, sampler="dpmpp_2m", **KW)):
+        assert np.abs(pixels(images).astype(int) - plain).max() > 10
 
 
 @pytest.mark.parametrize("kwargs,message", [
