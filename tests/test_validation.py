@@ -41,6 +41,7 @@ def files(tmp_path_factory):
     (d / "empty").mkdir()
     (d / "not_diffusers").mkdir()
     (d / "not_diffusers" / "weights.safetensors").write_bytes((d / "run" / "toy_sd3.safetensors").read_bytes())
+    (d / "vae.safetensors").write_bytes((GOLDEN / "vae.safetensors").read_bytes())   # alone: no CLIPs beside it
     Image.new("RGB", (10, 10)).save(d / "small.png")
     (d / "notes.txt").write_text("not an image")
     bomb = {"mmdit": dict(depth=400, hidden_size=8192, num_heads=64, patch_size=4, in_channels=3,
@@ -52,7 +53,7 @@ def files(tmp_path_factory):
     sparse_checkpoint(d / "clip_g_1280.safetensors", json.loads((MANIFESTS / "text_encoder_clip_g.json").read_text()))
     return dict(dir=d, model=hub, clip_l=hub.parent / "text_encoders" / "clip_l.safetensors",
                 clip_g=hub.parent / "text_encoders" / "clip_g.safetensors",
-                t5=hub.parent / "text_encoders" / "t5xxl_fp16.safetensors", vae=GOLDEN / "vae.safetensors",
+                t5=hub.parent / "text_encoders" / "t5xxl_fp16.safetensors", vae=d / "vae.safetensors",
                 run=d / "run", state=d / "run" / "last.safetensors", small=d / "small.png", notes=d / "notes.txt",
                 bomb=d / "bomb.safetensors", clip_g_1280=d / "clip_g_1280.safetensors")
 
