@@ -396,3 +396,43 @@ def test_train_force_starts_over(files, tmp_path):
     (run / "train_log.jsonl").write_text('{"step": 99, "loss": 1.0, "minutes": 0}\n')
     train(Recipe(**TINY_RUN), run, force=True, progress=False)
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# --- long runs, atomic files, signals -------------------------------------------------------------
+def test_long_runs_show_a_progress_bar(tmp_path, capfd, monkeypatch):
+    """The tiny model is quiet for a picture or two, but a run of many steps or a big grid shows a bar."""
+    assert main(["generate", P, "--steps", "2", "-o", str(tmp_path / "quiet.png")]) == 0
+    assert "sampling" not in capfd.readouterr().err
+    monkeypatch.setattr("sd3mini.cli.TOY_QUIET_EVALUATIONS", 8)          # 2 x 2 images x 2 steps = 8
+    assert main(["generate", P, "--steps", "2", "--grid", "2", "-o", str(tmp_path / "loud.png")]) == 0
+    assert "sampling: 100%" in capfd.readouterr().err
+
+
+def test_checkpoints_are_written_whole(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous file as it was (a temporary name, then a rename)."""
+    import sd3mini.checkpoint as ckpt
+
+    path = tmp_path / "toy_sd3.safetensors"
+    ckpt.save_state_dict({"a": torch.zeros(2)}, path)
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_state_dict({"a": torch.ones(2)}, path)
+    assert torch.equal(load_file(path)["a"], torch.zeros(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["toy_sd3.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_asks_the_training_loop_to_stop(name):
+    import signal
+
+    from sd3mini.toy.train import StopOnSignal
+
+    with StopOnSignal() as stop:
+        os.kill(os.getpid(), getattr(signal, name))                 # no KeyboardInterrupt, no exit
+        assert stop.received == name and stop.requested(world=1, device="cpu")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
