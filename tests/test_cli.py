@@ -1,10 +1,9 @@
 """python -m sd3mini info / generate."""
 
 import json
-import math
 
 import pytest
-from helpers import GOLDEN, MANIFESTS, tiny_mmdit, tiny_text_encoders
+from helpers import GOLDEN, MANIFESTS, sparse_checkpoint, tiny_mmdit, tiny_text_encoders
 from PIL import Image
 
 import sd3mini
@@ -28,19 +27,6 @@ def test_info(tiny_file, capsys):
     assert "VAE:" in out and "ch_mult [1, 2, 1, 1]" in out
     for kind in ("clip_l", "clip_g", "t5xxl"):
         assert f"text encoder {kind}" in out
-
-
-def sparse_checkpoint(path, shapes: dict):
-    """A full-size safetensors file whose data is a hole: a valid header, then zeros the disk never stores."""
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        n = 2 * math.prod(shape)
-        header[key] = {"dtype": "F16", "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        f.truncate(8 + len(blob) + offset)
 
 
 @pytest.mark.parametrize("name,expected", [("sd3_medium", "sd3_medium, 2.028 B"), ("sd3.5_large", "sd3.5_large, 8.057 B"),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import GOLDEN, MANIFESTS, save_hub_layout, sparse_checkpoint, tiny_pipeline, tiny_t5_tokenizer
+from helpers import GOLDEN, MANIFESTS, save_hub_layout, sparse_checkpoint
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
