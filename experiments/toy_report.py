@@ -3,9 +3,9 @@
     python experiments/toy_report.py eval                    # the shipped model on the 300 fixed captions
     python experiments/toy_report.py eval --ckpt runs/x/toy_sd3.safetensors --cfg 1 1.5 2 3 4 6
     python experiments/toy_report.py log runs/posA:0 runs/pairs90:5000 runs/ship25:15000   # the shipped run's curve
-    python experiments/toy_report.py log runs/posA --out notebooks/data/toy_run_half_pairs.json
+    python experiments/toy_report.py log runs/posA --out sd3mini/toy/results/toy_run_half_pairs.json
     python experiments/toy_report.py ablation runs/ab_logit_normal runs/ab_uniform runs/ab_cosmap --steps 2000
-    python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out notebooks/data/toy_shift.json
+    python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out sd3mini/toy/results/toy_shift.json
     python experiments/toy_report.py latent runs/latent:runs/ab_logit_normal_shift1 runs/latent_s3:runs/ab_logit_normal
     python experiments/toy_report.py order runs/old/toy_sd3.safetensors runs/ship/toy_sd3.safetensors   # word order
     python experiments/toy_report.py samples runs/a/toy_sd3.safetensors runs/b/toy_sd3.safetensors   # one row each
@@ -37,7 +37,7 @@ from sd3mini.toy.judge import judge, pair_parts, score
 from sd3mini.toy.model import same_word_cosines, shipped_path, toy_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "notebooks" / "data"
+OUT = ROOT / "sd3mini" / "toy" / "results"    # package data; the book reads it with sd3mini.book
 KEYS = ("colour", "shape", "size", "cell", "relation", "all")
 
 
