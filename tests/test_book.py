@@ -1,6 +1,7 @@
 """The book's structure: every chapter is listed, executed, shows a picture, and points at one repository."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -64,3 +65,29 @@ def test_set_repository_rewrites_everything(tmp_path, monkeypatch):
     for nb in (tmp_path / "notebooks").glob("*.ipynb"):
         text = nb.read_text()
         assert "github.com/someone/fork@main" in text and "github/someone/fork/blob/main" in text
+
+
+BUILT = ROOT / "_build" / "html"
+# A script loaded from another host (<script src="https://…"> or an ES-module import from a URL).
+REMOTE_SCRIPT = re.compile(r'<script[^>]*\bsrc="(?:https?:)?//[^"]*"|import [^;]*from\s*"(?:https?:)?//[^"]*"')
+
+
+def test_book_config_needs_no_cdn():
+    config = (ROOT / "_config.yml").read_text()
+    assert re.search(r"^\s+mathjax_path:\s*mathjax/tex-chtml-full.js", config, re.M)
+    assert (ROOT / "book" / "vendor" / "mathjax" / "tex-chtml-full.js").is_file()
+    assert "mermaid" not in config and "mermaid" not in (ROOT / "book" / "intro.md").read_text()
+
+
+def test_built_book_loads_no_script_from_a_cdn():
+    """The built HTML renders offline: MathJax from _static, diagrams as committed images. `.ci/run` builds
+    the book before the tests and sets SD3MINI_BOOK_BUILT=1, so there this test cannot skip."""
+    pages = sorted(BUILT.rglob("*.html"))
+    if not pages:
+        assert not os.environ.get("SD3MINI_BOOK_BUILT"), f"no built book in {BUILT}"
+        pytest.skip("the book is not built here (jupyter-book build .)")
+    remote = {str(p.relative_to(BUILT)): REMOTE_SCRIPT.findall(p.read_text()) for p in pages}
+    assert not {page: found for page, found in remote.items() if found}
+    chapter = (BUILT / "notebooks" / "01_rectified_flow.html").read_text()
+    assert 'src="../_static/mathjax/tex-chtml-full.js' in chapter and 'class="math' in chapter
+    assert (BUILT / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
