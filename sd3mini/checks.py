@@ -5,6 +5,7 @@ the value it got and what is allowed, before any model is built or any step runs
 ``ValueError``: code that catches ValueError keeps working; the CLI exits 2 on it (a usage error).
 """
 
+import argparse
 import math
 from numbers import Integral, Real
 
@@ -86,3 +87,10 @@ def _strings(name: str, value) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ArgumentError(f"{name} must be a string or a list of strings, got {value!r:.80}")
     return list(value)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option on one line (no usage block) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import ArgumentError, check_int, check_number, check_seed
+from .checks import ArgumentError, Parser, check_int, check_number, check_seed
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -201,13 +201,6 @@ TOY_QUIET_EVALUATIONS = 2000
 
 EPILOG = """Errors print one line, "error: ...", and exit with 2 for a bad option (usage) or 1 when a run fails
 (a file that cannot be loaded, the Hub, numerics); --debug shows the traceback instead."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option on one line (no usage block) and exits 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,6 +117,7 @@ CLI_CASES = [   # (id, argv, exit status, the message)
     ("unknown option", ["generate", P, "--widht", "32"], 2, r"unrecognized arguments: --widht 32"),
     # train-toy
     ("train steps 0", ["train-toy", "--steps", "0", "--out", "{tmp}/r"], 2, r"--steps must be at least 1, got 0"),
+    ("train steps abc", ["train-toy", "--steps", "abc"], 2, r"argument --steps: invalid int value: 'abc'"),
     ("train batch 0", ["train-toy", "--batch", "0", "--out", "{tmp}/r"], 2, r"--batch must be at least 1, got 0"),
     ("train warmup -1", ["train-toy", "--warmup", "-1", "--out", "{tmp}/r"], 2, r"--warmup must be at least 0, got -1"),
     ("train cooldown -1", ["train-toy", "--cooldown", "-1", "--out", "{tmp}/r"], 2, r"--cooldown must be at least 0, got -1"),

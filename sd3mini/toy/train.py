@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, file_metadata, open_state_dict, save_state_dict
-from ..checks import ArgumentError, check_choice, check_int, check_number
+from ..checks import ArgumentError, Parser, check_choice, check_int, check_number
 from ..flow import TIMESTEP_SAMPLERS, flow_matching_loss, interpolate, process_in, sample_t, time_shift
 from ..mmdit import MMDiT
 from . import data
@@ -405,7 +405,7 @@ def eval_captions_subset(n: int) -> list[str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m sd3mini train-toy", description=__doc__,
+    p = Parser(prog="python -m sd3mini train-toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, value in asdict(Recipe()).items():
         kind = type(value)
