@@ -123,7 +123,7 @@ CLI_CASES = [   # (id, argv, exit status, the message)
     ("train cooldown -1", ["train-toy", "--cooldown", "-1", "--out", "{tmp}/r"], 2, r"--cooldown must be at least 0, got -1"),
     ("train cooldown > steps", ["train-toy", "--steps", "10", "--cooldown", "20", "--out", "{tmp}/r"], 2,
      r"the cool-down \(20 steps\) is longer than the run \(10 steps\)"),
-    ("train heads 3", ["train-toy", "--heads", "3", "--out", "{tmp}/r"], 2, r"--width 128 must be divisible by 4 x --heads \(12\)"),
+    ("train heads 3", ["train-toy", "--heads", "3", "--out", "{tmp}/r"], 2, r"--width 128 must be divisible by --heads 3"),
     ("train lr 0", ["train-toy", "--lr", "0", "--out", "{tmp}/r"], 2, r"--lr must be > 0, got 0.0"),
     ("train into an existing run", ["train-toy", "--out", "{run}"], 2,
      r"--out .*run already holds a run \(last.safetensors, toy_sd3.safetensors, train_log.jsonl\); pass --resume"),
@@ -379,10 +379,11 @@ def test_hub_errors(kind, error, message, monkeypatch):
     (dict(batch=0), r"--batch must be at least 1"),
     (dict(cooldown=-1), r"--cooldown must be at least 0"),
     (dict(warmup=-1), r"--warmup must be at least 0"),
-    (dict(heads=3), r"--width 32 must be divisible by 4 x --heads \(12\)"),
+    (dict(heads=3), r"--width 32 must be divisible by --heads 3"),
+    (dict(width=30, heads=1), r"--width 30 must be divisible by 4"),
     (dict(ema=1.5), r"--ema must be <= 1"),
     (dict(t_sampler="beta"), r"--t-sampler must be one of uniform, logit_normal, mode, cosmap"),
-], ids=["steps 0", "batch 0", "cooldown -1", "warmup -1", "heads 3", "ema 1.5", "t_sampler"])
+], ids=["steps 0", "batch 0", "cooldown -1", "warmup -1", "heads 3", "width 30", "ema 1.5", "t_sampler"])
 def test_train_refuses_recipe(change, message, tmp_path):
     with pytest.raises(ArgumentError, match=message):
         train(Recipe(**TINY_RUN | change), tmp_path / "r", progress=False)

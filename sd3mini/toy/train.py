@@ -79,8 +79,10 @@ def check_recipe(r: Recipe):
         raise ArgumentError(f"the cool-down ({r.cooldown} steps) is longer than the run ({r.steps} steps); "
                             f"pass --cooldown {r.steps // 3} or less (0 keeps the learning rate constant)")
     for name in ("width", "text_width"):
-        if getattr(r, name) % (4 * r.heads):         # whole heads, and the sin-cos position code needs 4 | width
-            raise ArgumentError(f"{_flag(name)} {getattr(r, name)} must be divisible by 4 x --heads ({4 * r.heads})")
+        if getattr(r, name) % r.heads:
+            raise ArgumentError(f"{_flag(name)} {getattr(r, name)} must be divisible by --heads {r.heads}")
+    if r.width % 4:                                   # the 2-D sin-cos position code: sin and cos of x and y
+        raise ArgumentError(f"--width {r.width} must be divisible by 4")
     if data.IMAGE_SIZE % r.patch:
         raise ArgumentError(f"--patch {r.patch} must divide the image size {data.IMAGE_SIZE}")
     check_number("--lr", r.lr, above=0)
