@@ -180,7 +180,7 @@ def generate(args) -> Path:
     long_run = pipe.model != "toy" or n * steps >= TOY_QUIET_EVALUATIONS
     images = pipe([args.prompt] * n, args.negative, width=args.width, height=args.height, steps=args.steps,
                   cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, init_image=init,
-                  denoise=args.denoise if args.denoise is not None else 0.8, slg=True if args.slg else None,
+                  denoise=args.denoise, slg=True if args.slg else None,
                   progress=long_run)
     upscale = args.upscale or (4 if pipe.model == "toy" else 1)
     picture = image_grid(images, args.grid, upscale=upscale, gap=2 * upscale)   # white lines between images

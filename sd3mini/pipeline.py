@@ -210,11 +210,11 @@ class SD3Pipeline:
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", *, width=None, height=None, steps=None, cfg_scale=None,
-                 shift=None, sampler=None, seed=None, init_image=None, denoise=0.8, slg=None, progress=True):
+                 shift=None, sampler=None, seed=None, init_image=None, denoise=None, slg=None, progress=True):
         """Generate one image per prompt -> list of PIL images (each with ``info["parameters"]``).
 
         ``seed``: image i of a batch uses seed + i (None: a random seed, kept in ``self.last_seed``).
-        ``init_image`` + ``denoise`` in (0, 1]: image-to-image. ``slg``: True for the reference's
+        ``init_image`` + ``denoise`` in (0, 1] (default 0.8): image-to-image. ``slg``: True for the reference's
         skip-layer guidance, or a dict(scale, start, end, layers).
         """
         prompts, negatives = check_prompts(prompt, negative_prompt)
@@ -222,6 +222,9 @@ class SD3Pipeline:
         cfg_scale = cfg_scale if cfg_scale is not None else self.defaults["cfg_scale"]
         shift = shift if shift is not None else self.defaults["shift"]
         sampler = sampler or self.defaults["sampler"]
+        if init_image is None and denoise is not None:
+            raise ArgumentError(f"denoise={denoise!r} applies to image-to-image only: pass init_image too")
+        denoise = 0.8 if denoise is None else denoise
         check_sampling(steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
                        denoise=denoise if init_image is not None else 1.0)
         cfg = self.mmdit.config

@@ -92,6 +92,8 @@ def sample(model, noise, cond, uncond, *, steps: int, shift: float, cfg_scale: f
     and the start is ``sigma0 * noise + (1 - sigma0) * init_latent``. ``slg`` = dict(scale, start, end, layers).
     """
     check_sampling(steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler, denoise=denoise)
+    if init_latent is None and denoise != 1.0:
+        raise ArgumentError(f"denoise={denoise!r} applies to image-to-image only: pass init_latent too")
     config = getattr(model, "config", None)
     slg = check_slg(slg, config.depth if config is not None else None)
     check_inputs(config, noise, cond, uncond, init_latent)

@@ -205,6 +205,7 @@ PIPE_CASES = [
     ("init image 10x10", dict(init_image=SMALL), r"init_image is 10x10 pixels"),
     ("init image not an image", dict(init_image=np.zeros((32, 32, 3))), r"init_image must be a PIL image"),
     ("denoise 0", dict(init_image=Image.new("RGB", (32, 32)), denoise=0.0), r"denoise must be in \(0, 1\]"),
+    ("denoise without init image", dict(denoise=0.5), r"denoise=0.5 applies to image-to-image only: pass init_image"),
 ]
 
 
@@ -266,6 +267,7 @@ SAMPLE_CASES = [
     ("batch mismatch", lambda i: dict(noise=torch.zeros(2, 3, 32, 32)), r"for noise of batch 2 they must be \(2, L, C\)"),
     ("init latent shape", lambda i: dict(init_latent=torch.zeros(1, 3, 16, 16), denoise=0.5), r"init_latent has shape"),
     ("slg layer 99", lambda i: dict(slg=dict(scale=1.0, start=0.0, end=1.0, layers=[99])), r"slg layer 99 is out of range"),
+    ("denoise without init latent", lambda i: dict(denoise=0.5), r"denoise=0.5 applies to image-to-image only"),
 ]
 
 
