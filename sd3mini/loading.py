@@ -174,7 +174,7 @@ def check_text_encoders(sources: dict, mmdit_config: MMDiTConfig):
         try:
             sd = text_encoder_state_dict(state_dict_of(src), kind)
         except CheckpointError as e:
-            raise CheckpointError(f"{_where(src)}{e} (passed as {kind})") from None
+            raise CheckpointError(f"{src} (passed as {kind}): {e}") from None
         if kind != "t5xxl":
             shapes[kind] = clip_shape(sd)
     if len(shapes) < 2:

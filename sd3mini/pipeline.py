@@ -117,7 +117,10 @@ class SD3Pipeline:
             paths = download(str(path), text_encoders=kinds, token=token)
             path, clip_l, clip_g, t5xxl = paths["model"], paths["clip_l"], paths["clip_g"], paths.get("t5xxl")
         sd = open_state_dict(path)
-        mmdit_state_dict(sd)            # no MM-DiT (a VAE, a text encoder, a training state): say so first
+        try:                            # no MM-DiT (a VAE, a text encoder, a training state): say so first
+            mmdit_state_dict(sd)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         sources = {"mmdit": path, "vae": path}
         for kind, given in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl)):
             if not (kind == "t5xxl" and no_t5):
@@ -390,7 +393,7 @@ def _check_diffusers_folder(root: Path):
     what = "it is empty" if not held else f"it holds {', '.join(held[:5])}" + (", ..." if len(held) > 5 else "")
     hint = (f"pass the file itself ({root / single[0]})" if single else
             f"pass an official single file, a diffusers folder or one of {', '.join(HUB_MODELS)}")
-    raise CheckpointError(f"{root} is not a diffusers SD3 folder: it has no {', '.join(missing)}/ ({what}); {hint}")
+    raise CheckpointError(f"{root} is not a diffusers SD3 folder: it has no {'/, '.join(missing)}/ ({what}); {hint}")
 
 
 def looks_like_repo(name: str) -> bool:

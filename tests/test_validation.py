@@ -100,19 +100,20 @@ CLI_CASES = [   # (id, argv, exit status, the message)
     ("output .xyz", ["generate", P, "-o", "{tmp}/out.xyz"], 2, r"unknown image extension '.xyz'"),
     ("output is a folder", ["generate", P, "-o", "{tmp}"], 2, r"--output .* is a folder"),
     ("output exists", ["generate", P, "-o", "{tmp}/exists.png"], 2, r"exists; pass --force to overwrite it"),
-    ("a VAE as --ckpt", ["generate", P, "--ckpt", "{vae}"], 1, r"no SD3 MMDiT in this file; it looks like an LDM-layout VAE"),
+    ("a VAE as --ckpt", ["generate", P, "--ckpt", "{vae}"], 1, r"vae.safetensors: no SD3 MMDiT in this file; it looks like an LDM-layout VAE"),
     ("a training state as --ckpt", ["generate", P, "--ckpt", "{state}"], 2,
      r"is a train-toy training state .* --ckpt .*toy_sd3.safetensors"),
     ("an empty folder as --ckpt", ["generate", P, "--ckpt", "{dir}/empty"], 1, r"is not a diffusers SD3 folder: .*\(it is empty\)"),
     ("a non-diffusers folder", ["generate", P, "--ckpt", "{dir}/not_diffusers"], 1,
-     r"is not a diffusers SD3 folder: it has no transformer, vae, .* pass the file itself"),
+     r"is not a diffusers SD3 folder: it has no transformer/, vae/, .* pass the file itself"),
     ("a misspelled model name", ["generate", P, "--ckpt", "sd3_mediun"], 1, r"no such file or folder.* did you mean sd3_medium\?"),
-    ("a toy file whose metadata lies", ["generate", P, "--ckpt", "{bomb}"], 1, r"its metadata describes an MM-DiT"),
+    ("a toy file whose metadata lies", ["generate", P, "--ckpt", "{bomb}"], 1, r"bomb.safetensors: its metadata describes an MM-DiT \(depth 400, hidden_size 8192\) that its tensors do "
+     r"not hold \(not an MMDiT state dict"),
     ("clip-l and clip-g swapped", ["generate", P, "--ckpt", "{model}", "--no-t5", "--clip-l", "{clip_g}", "--clip-g",
                                    "{clip_l}", "--device", "cpu"], 1,
      r"clip_l and clip_g are swapped: .*clip_g.safetensors \(passed as clip_l\) is a CLIP text encoder \(width 128"),
     ("T5 passed as clip-l", ["generate", P, "--ckpt", "{model}", "--no-t5", "--clip-l", "{t5}", "--device", "cpu"], 1,
-     r"t5xxl_fp16.safetensors: no CLIP text encoder in this file; it looks like a T5 text encoder.* \(passed as clip_l\)"),
+     r"t5xxl_fp16.safetensors \(passed as clip_l\): no CLIP text encoder in this file; it looks like a T5 text encoder"),
     ("info on a non-checkpoint", ["info", "{notes}"], 1, r"notes.txt is not a safetensors file"),
     ("unknown option", ["generate", P, "--widht", "32"], 2, r"unrecognized arguments: --widht 32"),
     # train-toy
@@ -340,8 +341,8 @@ def test_from_single_file_refuses(files, source, error, message, tmp_path):
 
 
 def test_from_pretrained_refuses(tmp_path):
-    with pytest.raises(CheckpointError, match=r"is not a diffusers SD3 folder: it has no transformer, vae, "
-                                              r"text_encoder, text_encoder_2/ \(it is empty\)"):
+    with pytest.raises(CheckpointError, match=r"is not a diffusers SD3 folder: it has no transformer/, vae/, "
+                                              r"text_encoder/, text_encoder_2/ \(it is empty\)"):
         sd3mini.SD3Pipeline.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no such folder: no_such_thing \(and it is not a Hub repository id"):
         sd3mini.SD3Pipeline.from_pretrained("no_such_thing")

@@ -194,8 +194,10 @@ def _check_mmdit_shapes(path, meta: dict, sd: dict) -> MMDiTConfig:
                                    tuple(meta["mmdit"].get("x_block_self_attn_layers", ()))})
         held = MMDiTConfig.from_state_dict(sd)
     except (TypeError, KeyError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: its metadata describes an MM-DiT ({meta['mmdit']!r:.200}) that its "
-                              f"tensors do not hold ({e})") from None
+        described = meta["mmdit"] if isinstance(meta["mmdit"], dict) else {}
+        size = ", ".join(f"{k} {described[k]}" for k in ("depth", "hidden_size") if k in described)
+        raise CheckpointError(f"{path}: its metadata describes an MM-DiT ({size or 'unreadable'}) that its "
+                              f"tensors do not hold ({str(e).strip(chr(34) + chr(39))})") from None
     if described != held:
         diff = ", ".join(f"{k} {getattr(described, k)} (tensors: {getattr(held, k)})"
                          for k in described.__dataclass_fields__ if getattr(described, k) != getattr(held, k))
