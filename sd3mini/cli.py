@@ -180,8 +180,7 @@ def generate(args) -> Path:
     long_run = pipe.model != "toy" or n * steps >= TOY_QUIET_EVALUATIONS
     images = pipe([args.prompt] * n, args.negative, width=args.width, height=args.height, steps=args.steps,
                   cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, init_image=init,
-                  denoise=args.denoise, slg=True if args.slg else None,
-                  progress=long_run)
+                  denoise=args.denoise, slg=True if args.slg else None, progress=long_run)
     upscale = args.upscale or (4 if pipe.model == "toy" else 1)
     picture = image_grid(images, args.grid, upscale=upscale, gap=2 * upscale)   # white lines between images
     out = Path(args.output)
@@ -189,8 +188,11 @@ def generate(args) -> Path:
     meta.add_text("parameters", images[0].info["parameters"] + (f"; grid {args.grid}x{args.grid}, seeds "
                                                                   f"{pipe.last_seed}..{pipe.last_seed + n - 1}" if n > 1 else ""))
     tmp = out.with_name(f".{out.name}.tmp")             # written whole, then renamed: never half an image
-    picture.save(tmp, format=Image.registered_extensions()[out.suffix.lower()], pnginfo=meta)
-    os.replace(tmp, out)
+    try:
+        picture.save(tmp, format=Image.registered_extensions()[out.suffix.lower()], pnginfo=meta)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     size = f"{images[0].width}x{images[0].height}" + (f", shown {upscale}x" if upscale > 1 else "")
     print(f"wrote {out}: {n} image{'s' * (n > 1)} of {size} ({pipe.model} model, seed {pipe.last_seed})")
     return out
