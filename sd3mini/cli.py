@@ -2,7 +2,6 @@
 
 import argparse
 import contextlib
-import difflib
 import math
 import os
 import sys
@@ -92,11 +91,6 @@ def load_pipeline(args):
     kwargs = dict(device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload, no_t5=args.no_t5)
     if ckpt.is_dir() or (not ckpt.exists() and args.ckpt not in HUB_MODELS and looks_like_repo(args.ckpt)):
         return SD3Pipeline.from_pretrained(args.ckpt, **kwargs)
-    if not ckpt.exists() and args.ckpt not in HUB_MODELS:
-        close = difflib.get_close_matches(args.ckpt, list(HUB_MODELS), n=1)
-        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or folder, and not a model name ("
-                                f"{', '.join(HUB_MODELS)}) or a Hub repository (owner/name)"
-                                + (f"; did you mean {close[0]}?" if close else ""))
     return SD3Pipeline.from_single_file(args.ckpt, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
                                         tokenizer=args.tokenizer, **kwargs)
 

@@ -112,6 +112,7 @@ class SD3Pipeline:
         """
         from .loading import HUB_MODELS
 
+        _check_checkpoint_name(path)
         if str(path) in HUB_MODELS and not Path(str(path)).exists():
             kinds = tuple(k for k in TEXT_ENCODERS if not (k == "t5xxl" and no_t5))
             paths = download(str(path), text_encoders=kinds, token=token)
@@ -394,6 +395,20 @@ def _check_diffusers_folder(root: Path):
     hint = (f"pass the file itself ({root / single[0]})" if single else
             f"pass an official single file, a diffusers folder or one of {', '.join(HUB_MODELS)}")
     raise CheckpointError(f"{root} is not a diffusers SD3 folder: it has no {'/, '.join(missing)}/ ({what}); {hint}")
+
+
+def _check_checkpoint_name(path):
+    """A path that does not exist must be a model name; say which names there are, and the nearest."""
+    import difflib
+
+    from .loading import HUB_MODELS
+
+    name = str(path)
+    if Path(name).exists() or name in HUB_MODELS:
+        return
+    close = difflib.get_close_matches(name, list(HUB_MODELS), n=1)
+    raise FileNotFoundError(f"no such file or folder: {name} (and not a model name: {', '.join(HUB_MODELS)}"
+                            + (f"; did you mean {close[0]}?)" if close else ")"))
 
 
 def looks_like_repo(name: str) -> bool:

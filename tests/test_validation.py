@@ -106,7 +106,7 @@ CLI_CASES = [   # (id, argv, exit status, the message)
     ("an empty folder as --ckpt", ["generate", P, "--ckpt", "{dir}/empty"], 1, r"is not a diffusers SD3 folder: .*\(it is empty\)"),
     ("a non-diffusers folder", ["generate", P, "--ckpt", "{dir}/not_diffusers"], 1,
      r"is not a diffusers SD3 folder: it has no transformer/, vae/, .* pass the file itself"),
-    ("a misspelled model name", ["generate", P, "--ckpt", "sd3_mediun"], 1, r"no such file or folder.* did you mean sd3_medium\?"),
+    ("a misspelled model name", ["generate", P, "--ckpt", "sd3_mediun"], 1, r"no such file or folder: sd3_mediun \(and not a model name: sd3_medium, .*; did you mean sd3_medium\?\)"),
     ("a toy file whose metadata lies", ["generate", P, "--ckpt", "{bomb}"], 1, r"bomb.safetensors: its metadata describes an MM-DiT \(depth 400, hidden_size 8192\) that its tensors do "
      r"not hold \(not an MMDiT state dict"),
     ("clip-l and clip-g swapped", ["generate", P, "--ckpt", "{model}", "--no-t5", "--clip-l", "{clip_g}", "--clip-g",
@@ -334,7 +334,8 @@ def test_swapped_clips_through_the_api(files):
 @pytest.mark.parametrize("source,error,message", [
     ("{vae}", CheckpointError, r"no SD3 MMDiT in this file; it looks like an LDM-layout VAE"),
     ("{state}", CheckpointError, r"no SD3 MMDiT in this file; it looks like a train-toy training state"),
-], ids=["VAE", "training state"])
+    ("sd3_mediun", FileNotFoundError, r"no such file or folder: sd3_mediun \(.*did you mean sd3_medium\?\)"),
+], ids=["VAE", "training state", "misspelled name"])
 def test_from_single_file_refuses(files, source, error, message, tmp_path):
     with pytest.raises(error, match=message):
         sd3mini.SD3Pipeline.from_single_file(fill([source], files, tmp_path)[0], no_t5=True, device="cpu")
