@@ -157,13 +157,17 @@ def _where(src) -> str:
     return f"{src}: " if isinstance(src, (str, os.PathLike)) else ""
 
 
-def check_clip_kind(sd: dict, kind: str, src=None):
+def check_clip_kind(sd: dict, kind: str, src=None) -> dict:
     """Refuse CLIP-G weights passed as clip_l and the other way round, naming what the file holds."""
     shape = clip_shape(sd)
+    _refuse_other_clip(shape, kind, src)
+    return shape
+
+
+def _refuse_other_clip(shape: dict, kind: str, src=None):
     if shape["kind"] not in (None, kind):
         raise CheckpointError(f"{_where(src)}this is {_clip_words(shape)}, not {CLIP_SHAPES[kind]['name']} "
                               f"(width {CLIP_SHAPES[kind]['width']}): pass it as {shape['kind']}")
-    return shape
 
 
 def check_text_encoders(sources: dict, mmdit_config: MMDiTConfig):
@@ -177,20 +181,18 @@ def check_text_encoders(sources: dict, mmdit_config: MMDiTConfig):
             raise CheckpointError(f"{src} (passed as {kind}): {e}") from None
         if kind != "t5xxl":
             shapes[kind] = clip_shape(sd)
-    if len(shapes) < 2:
-        return
-    l, g = shapes["clip_l"], shapes["clip_g"]
-    known_swap = (l["kind"], g["kind"]) == ("clip_g", "clip_l")
-    if known_swap or (l["kind"] is None and g["kind"] is None and l["width"] > g["width"]):   # CLIP-L: the narrower
+    l, g = shapes.get("clip_l"), shapes.get("clip_g")
+    if l and g and ((l["kind"], g["kind"]) == ("clip_g", "clip_l") or
+                    (l["kind"] is None and g["kind"] is None and l["width"] > g["width"])):  # CLIP-L: the narrower
         raise CheckpointError(f"clip_l and clip_g are swapped: {sources['clip_l']} (passed as clip_l) is "
                               f"{_clip_words(l)} and {sources['clip_g']} (passed as clip_g) is {_clip_words(g)}; "
                               "CLIP-L is the narrower one")
-    for kind in shapes:
-        check_clip_kind(text_encoder_state_dict(state_dict_of(sources[kind]), kind), kind, sources[kind])
-    pooled = l["width"] + g["projection"]
-    if pooled != mmdit_config.adm_in_channels:
+    for kind, shape in shapes.items():
+        _refuse_other_clip(shape, kind, sources[kind])
+    if l and g and l["width"] + g["projection"] != mmdit_config.adm_in_channels:
         raise CheckpointError(f"the text encoders give a pooled vector of {l['width']} (clip_l) + {g['projection']} "
-                              f"(clip_g) = {pooled} values; this MM-DiT takes {mmdit_config.adm_in_channels}")
+                              f"(clip_g) = {l['width'] + g['projection']} values; this MM-DiT takes "
+                              f"{mmdit_config.adm_in_channels}")
 
 
 def load_mmdit(src, *, device=None, dtype=None) -> MMDiT:

@@ -329,6 +329,10 @@ def test_swapped_clips_through_the_api(files):
     with pytest.raises(CheckpointError, match=r"clip_l and clip_g are swapped"):
         sd3mini.SD3Pipeline.from_single_file(files["model"], clip_l=files["clip_g"], clip_g=files["clip_l"],
                                              no_t5=True, device="cpu")
+    with pytest.raises(CheckpointError, match=r"the text encoders give a pooled vector of 64 \(clip_l\) \+ 64 "
+                                              r"\(clip_g\) = 128 values; this MM-DiT takes 192"):
+        sd3mini.SD3Pipeline.from_single_file(files["model"], clip_l=files["clip_l"], clip_g=files["clip_l"],
+                                             no_t5=True, device="cpu")
 
 
 @pytest.mark.parametrize("source,error,message", [
