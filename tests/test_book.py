@@ -91,3 +91,24 @@ def test_built_book_loads_no_script_from_a_cdn():
     chapter = (BUILT / "notebooks" / "01_rectified_flow.html").read_text()
     assert 'src="../_static/mathjax/tex-chtml-full.js' in chapter and 'class="math' in chapter
     assert (BUILT / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_code_fits_the_rendered_column(path):
+    """The book's code column shows 88 characters; longer lines are cut off there (shape comments first)."""
+    long = [(i, line) for i, c in enumerate(load(path)["cells"]) if c["cell_type"] == "code"
+            for line in "".join(c["source"]).splitlines() if len(line) > 88]
+    assert not long, long[:5]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_ends_with_summary_exercises_and_references(path):
+    markdown = "\n".join("".join(c["source"]) for c in load(path)["cells"] if c["cell_type"] == "markdown")
+    headings = re.findall(r"^## (Summary|Exercises|References)\s*$", markdown, re.M)
+    assert headings == ["Summary", "Exercises", "References"], headings
+    exercises = markdown.split("## Exercises", 1)[1].split("## References", 1)[0]
+    assert 2 <= len(re.findall(r"^\d+\. ", exercises, re.M)) <= 4
+    references = markdown.split("## References", 1)[1]
+    cited = re.findall(r"\{cite\}`([^`]+)`", references)
+    bib = (ROOT / "references.bib").read_text()
+    assert cited and all(f"{{{key}," in bib for key in cited), cited

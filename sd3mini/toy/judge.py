@@ -52,17 +52,23 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return [labels == v for v in np.unique(labels[mask])]
 
 
-def find_objects(image) -> dict[str, dict]:
-    """{colour: {"shape", "size", "cell", "centroid" (x, y), "pixels"}} for the largest blob of each colour."""
+def colour_masks(image) -> dict[str, np.ndarray]:
+    """{colour: (H, W) bool}: the bright pixels whose hue is nearest that palette colour."""
     rgb = to_array(image)
     bright = rgb.max(axis=2)
-    fg = bright > 0.35
     chroma = rgb / np.maximum(bright, 1e-6)[..., None]
     nearest = np.argmin(((chroma[:, :, None, :] - _CHROMA[None, None]) ** 2).sum(-1), axis=2)
+    return {name: (bright > 0.35) & (nearest == k) for k, name in enumerate(_NAMES)}
+
+
+def find_objects(image) -> dict[str, dict]:
+    """{colour: {"shape", "size", "cell", "centroid" (x, y), "pixels"}} for the largest blob of each colour."""
+    bright = to_array(image).max(axis=2)
+    masks = colour_masks(image)
     objects = {}
     h, w = bright.shape
     for k, name in enumerate(_NAMES):
-        comps = _components(fg & (nearest == k))
+        comps = _components(masks[name])
         if not comps:
             continue
         comp = max(comps, key=lambda m: m.sum())
