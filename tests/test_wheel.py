@@ -6,6 +6,7 @@ checkout on the path: the tiny model and the results must come from the installe
 
 import json
 import os
+import re
 import site
 import subprocess
 import sys
@@ -24,7 +25,8 @@ def code_cells(notebook: str, keep=lambda index, sources: True) -> str:
     sources = [source for i, source in enumerate(every) if keep(i, every)]
     def no_magic(line):
         stripped = line.lstrip()
-        return line[: len(line) - len(stripped)] + "pass  # " + stripped if stripped.startswith("%") else line
+        magic = re.match(r"%{1,2}[A-Za-z]", stripped)          # %pip, %%time; not "% (a, b)"
+        return line[: len(line) - len(stripped)] + "pass  # " + stripped if magic else line
 
     lines = [no_magic(line) for source in sources for line in source.splitlines()]
     return "\n".join(lines) + "\n"
