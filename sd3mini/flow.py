@@ -2,12 +2,10 @@
 
 SD3 moves along the straight line between an image latent ``x0`` and Gaussian noise:
 
-    z_t = (1 - t) * x0 + t * noise,      t in [0, 1]   (t = 0: data, t = 1: noise)
+    z = (1 - sigma) * x0 + sigma * noise,      sigma in [0, 1]   (0: data, 1: noise)
 
-and the MM-DiT is trained to predict the constant velocity ``v = dz_t/dt = noise - x0``.
-Sampling integrates that velocity field from t = 1 back to t = 0.
-
-Throughout the package ``sigma`` is this t (the reference code calls it sigma), and the MM-DiT
+and the MM-DiT is trained to predict the constant velocity ``v = dz/dsigma = noise - x0``.
+Sampling integrates that velocity field from sigma = 1 back to sigma = 0. The MM-DiT itself
 receives ``timestep = sigma * 1000``.
 """
 
@@ -33,16 +31,16 @@ def process_out(z: torch.Tensor, scale: float = LATENT_SCALE, shift: float = LAT
 
 
 # --- The noise schedule ----------------------------------------------------------------------------
-def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """Shift t towards noise: ``shift*t / (1 + (shift-1)*t)``.
+def time_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """Shift the noise level towards noise: ``shift*sigma / (1 + (shift-1)*sigma)``.
 
     Larger images keep more of their structure at a given noise level, so SD3 spends more of the
     schedule at high noise (paper section 5.3.2). sd3mini uses 3.0 for every official model (the SD3
     release reference; the sd3.5 repository lists 1.0 for SD3-medium).
     """
     if shift == 1.0:
-        return t
-    return shift * t / (1 + (shift - 1) * t)
+        return sigma
+    return shift * sigma / (1 + (shift - 1) * sigma)
 
 
 def get_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -60,16 +58,16 @@ def get_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     return torch.cat([sigmas, torch.zeros(1)])
 
 
-# --- Training: which t to train on (paper section 3.1) --------------------------------------------
+# --- Training: which sigma to train on (paper section 3.1) ----------------------------------------
 def sample_t(n: int, kind: str = "logit_normal", *, m: float = 0.0, s: float = 1.0,
              mode_scale: float = 1.29, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw ``n`` training times in (0, 1).
+    """Draw ``n`` training noise levels sigma in (0, 1).
 
-    - ``uniform``: t ~ U(0, 1).
-    - ``logit_normal``: t = sigmoid(m + s * N(0, 1)); SD3's choice (m=0, s=1), which spends the
+    - ``uniform``: sigma ~ U(0, 1).
+    - ``logit_normal``: sigma = sigmoid(m + s * N(0, 1)); SD3's choice (m=0, s=1), which spends the
       training budget on the middle of the path, where predicting v is hardest.
-    - ``mode``: t = 1 - u - mode_scale * (cos^2(pi u / 2) - 1 + u); heavier tails than logit-normal.
-    - ``cosmap``: t = 1 - 1 / (tan(pi u / 2) + 1), the cosine schedule mapped to the straight path.
+    - ``mode``: sigma = 1 - u - mode_scale * (cos^2(pi u / 2) - 1 + u); heavier tails than logit-normal.
+    - ``cosmap``: sigma = 1 - 1 / (tan(pi u / 2) + 1), the cosine schedule mapped to the straight path.
     """
     if kind == "logit_normal":
         return torch.sigmoid(m + s * torch.randn(n, generator=generator))
@@ -88,29 +86,29 @@ def sample_t(n: int, kind: str = "logit_normal", *, m: float = 0.0, s: float = 1
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")
 
 
-def t_density(t: torch.Tensor, kind: str = "logit_normal", *, m: float = 0.0, s: float = 1.0) -> torch.Tensor:
-    """Probability density of ``sample_t`` at ``t`` (for plots and tests; ``mode`` has no closed form)."""
+def t_density(sigma: torch.Tensor, kind: str = "logit_normal", *, m: float = 0.0, s: float = 1.0) -> torch.Tensor:
+    """Probability density of ``sample_t`` at ``sigma`` (for plots and tests; ``mode`` has no closed form)."""
     if kind == "uniform":
-        return torch.ones_like(t)
+        return torch.ones_like(sigma)
     if kind == "logit_normal":
-        inside = (t > 0) & (t < 1)
-        tc = t.clamp(1e-12, 1 - 1e-12)
-        logit = torch.log(tc / (1 - tc))
-        density = torch.exp(-((logit - m) ** 2) / (2 * s**2)) / (s * math.sqrt(2 * math.pi) * tc * (1 - tc))
-        return torch.where(inside, density, torch.zeros_like(t))   # -> 0 at both ends
+        inside = (sigma > 0) & (sigma < 1)
+        sc = sigma.clamp(1e-12, 1 - 1e-12)
+        logit = torch.log(sc / (1 - sc))
+        density = torch.exp(-((logit - m) ** 2) / (2 * s**2)) / (s * math.sqrt(2 * math.pi) * sc * (1 - sc))
+        return torch.where(inside, density, torch.zeros_like(sigma))   # -> 0 at both ends
     if kind == "cosmap":
-        return 2 / (math.pi - 2 * math.pi * t + 2 * math.pi * t**2)
+        return 2 / (math.pi - 2 * math.pi * sigma + 2 * math.pi * sigma**2)
     raise ValueError(f"no closed-form density for {kind!r}")
 
 
-def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The point z_t on the straight path; ``t`` has one value per batch item, shape (B,)."""
-    t = t.reshape(-1, *([1] * (x0.ndim - 1)))
-    return (1 - t) * x0 + t * noise
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The point z on the straight path at noise level ``sigma``, one value per batch item, shape (B,)."""
+    sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+    return (1 - sigma) * x0 + sigma * noise
 
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """What the model learns to predict: v = d z_t / dt = noise - x0."""
+    """What the model learns to predict: v = dz / dsigma = noise - x0."""
     return noise - x0
 
 

@@ -89,16 +89,17 @@ class MMDiTConfig:
 # --------------------------------------------------------------------------------------------------
 # Embeddings
 # --------------------------------------------------------------------------------------------------
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of the timestep t = sigma * 1000: (B,) -> (B, dim), laid out [cos | sin].
+def timestep_embedding(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of the timestep (= sigma * 1000): (B,) -> (B, dim), laid out [cos | sin].
 
     Frequencies run geometrically from 1 down to 1/max_period. Computed in float32 whatever the
     model dtype. For an odd ``dim`` a zero column is appended.
     """
-    t = t.reshape(-1)
+    timestep = timestep.reshape(-1)
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
+    steps = torch.arange(half, dtype=torch.float32, device=timestep.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
+    args = timestep[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -164,15 +165,15 @@ def unpatchify(x: torch.Tensor, hw: tuple[int, int], patch_size: int, channels: 
 
 
 class TimestepEmbedder(nn.Module):
-    """t -> 256-d sinusoid -> MLP -> (B, D)."""
+    """timestep -> 256-d sinusoid -> MLP -> (B, D)."""
 
     def __init__(self, dim: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t, dtype):
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(dtype))
+    def forward(self, timestep, dtype):
+        return self.mlp(timestep_embedding(timestep, self.frequency_embedding_size).to(dtype))
 
 
 class VectorEmbedder(nn.Module):
@@ -258,12 +259,13 @@ class Mlp(nn.Module):
 class DismantledBlock(nn.Module):
     """One stream (context or image) of a joint block, split around the shared attention.
 
-    ``adaLN_modulation(c)`` gives per-sample (shift, scale, gate) for the attention and for the MLP
-    (6 vectors of size D). The gates multiply each residual update, so a block whose gates are zero
-    is the identity. Variants:
-      - ``pre_only`` (the context stream of the last block): only (shift, scale) for the attention
+    ``adaLN_modulation(c)`` gives per-sample vectors of size D: shift_msa, scale_msa, gate_msa for the
+    attention and shift_mlp, scale_mlp, gate_mlp for the MLP. The gates multiply each residual update,
+    so a block whose gates are zero is the identity. Variants:
+      - ``pre_only`` (the context stream of the last block): only shift_msa, scale_msa for the attention
         input; its output is never used, so there is no proj, norm2 or MLP.
-      - ``dual_attention`` (MMDiT-X image stream): 3 more vectors for a second, image-only attention.
+      - ``dual_attention`` (MMDiT-X image stream): shift_msa2, scale_msa2, gate_msa2 for a second,
+        image-only attention.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
@@ -284,21 +286,21 @@ class DismantledBlock(nn.Module):
     def pre_attention(self, x, c):
         """x (B, N, D), c (B, D) -> (q, k, v), (q2, k2, v2) or None, modulation vectors."""
         mods = self.adaLN_modulation(c).chunk(self.n_mods, dim=1)
-        shift_msa, scale_msa = mods[0], mods[1]
+        shift_msa, scale_msa, *_ = mods
         x_norm = self.norm1(x)
         qkv = self.attn.pre_attention(modulate(x_norm, shift_msa, scale_msa))
         qkv2 = None
         if self.dual_attention:  # same normalized input, its own shift and scale
-            shift_msa2, scale_msa2 = mods[6], mods[7]
+            *_, shift_msa2, scale_msa2, _gate_msa2 = mods
             qkv2 = self.attn2.pre_attention(modulate(x_norm, shift_msa2, scale_msa2))
         return qkv, qkv2, mods
 
     def post_attention(self, x, attn, attn2, mods):
         """Residual updates: x + gate * proj(attention), [+ gate2 * proj2(attention2)], + gate * MLP."""
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        _shift_msa, _scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, *second = mods
         x = x + gate_msa.unsqueeze(1) * self.attn.post_attention(attn)
         if self.dual_attention:
-            gate_msa2 = mods[8]
+            _shift_msa2, _scale_msa2, gate_msa2 = second
             x = x + gate_msa2.unsqueeze(1) * self.attn2.post_attention(attn2)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -400,8 +402,8 @@ class MMDiT(nn.Module):
             nn.init.zeros_(layer.bias)
         return self
 
-    def forward(self, x, t, y, context, skip_layers=()):
-        """x (B, C, H, W), t (B,) = sigma*1000, y (B, adm), context (B, L, ctx) -> velocity (B, C, H, W).
+    def forward(self, x, timestep, y, context, skip_layers=()):
+        """x (B, C, H, W), timestep (B,) = sigma*1000, y (B, adm), context (B, L, ctx) -> velocity (B, C, H, W).
 
         ``skip_layers``: indices of joint blocks to bypass entirely (skip-layer guidance).
         """
@@ -409,10 +411,10 @@ class MMDiT(nn.Module):
         hw = x.shape[-2:]
         if hw[0] % cfg.patch_size or hw[1] % cfg.patch_size:
             raise ValueError(f"latent size {tuple(hw)} is not divisible by the patch size {cfg.patch_size}")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
+        if timestep.ndim == 0:
+            timestep = timestep.expand(x.shape[0])
         x = self.x_embedder(x) + cropped_pos_embed(self.pos_embed, hw, cfg.patch_size)   # (B, T, D)
-        c = self.t_embedder(t, dtype=x.dtype) + self.y_embedder(y)                       # (B, D)
+        c = self.t_embedder(timestep, dtype=x.dtype) + self.y_embedder(y)                       # (B, D)
         context = self.context_embedder(context)                                        # (B, L, D)
         for i, block in enumerate(self.joint_blocks):
             if i in skip_layers:
