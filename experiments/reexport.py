@@ -11,12 +11,12 @@ from dataclasses import asdict
 
 import torch
 
-from sd3mini.toy.train import Recipe, ToySD3, data_stats, export, load_training_state, training_meta
+from sd3mini.toy.train import Recipe, ToySD3, data_stats, export, load_training_state, recipe_from, training_meta
 
 
 def reexport(state, out, cfg_scale: float) -> Recipe:
     meta = training_meta(state)
-    r = Recipe(**meta["recipe"] | {"cfg_scale": cfg_scale})
+    r = recipe_from(meta["recipe"] | {"cfg_scale": cfg_scale})
     model, ema = ToySD3(r), ToySD3(r)
     opt = torch.optim.AdamW(model.parameters())
     load_training_state(state, model, ema, opt)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .checks import ArgumentError, Parser, check_int, check_number, check_seed
+from .pipeline import OFFLOAD_MODES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -224,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-image"), p.add_argument("--denoise", type=float, help="with --init-image (default 0.8)")
     p.add_argument("--slg", action="store_true", help="skip-layer guidance (SD3.5-medium)")
     p.add_argument("--device"), p.add_argument("--dtype", choices=sorted(DTYPES))
-    p.add_argument("--offload", choices=["none", "model"], default="none")
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+                   help="none: all on the GPU; model: each component visits it; sequential: each is read from its "
+                        "file onto the GPU for its stage (a 16 GB T4)")
     p.add_argument("--grid", type=int, default=1, help="an N x N grid of images, seeds SEED ... SEED + N*N - 1")
     p.add_argument("--upscale", type=int, help="enlarge the saved picture (nearest neighbour); default 4 for the tiny model")
     p.add_argument("-o", "--output", default="out.png", help="the picture to write (.png, .jpg, ...; default out.png)")

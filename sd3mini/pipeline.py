@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, open_state_dict, state_dict_of
-from .checks import ArgumentError, check_int, check_prompts, check_seed
+from .checks import ArgumentError, check_choice, check_int, check_prompts, check_seed
 from .flow import LATENT_SCALE, LATENT_SHIFT, process_in, process_out
 from .loading import (TEXT_ENCODERS, check_text_encoders, download, hub_download, load_mmdit, load_text_encoder,
                       load_vae, mmdit_state_dict, vae_state_dict)
@@ -83,16 +83,18 @@ class SD3Pipeline:
     """Holds the three components and runs text -> image (and image -> image)."""
 
     def __init__(self, mmdit, vae, text_encoder, *, model: str = "custom", device=None, offload: str = "none",
-                 latent_scale: float = LATENT_SCALE, latent_shift: float = LATENT_SHIFT):
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload must be one of {OFFLOAD_MODES}")
+                 latent_scale: float = LATENT_SCALE, latent_shift: float = LATENT_SHIFT, defaults: dict | None = None,
+                 default_size: int | None = None):
+        """``defaults``: steps, cfg_scale, shift, sampler (default: ``MODEL_DEFAULTS[model]``), kept as a copy.
+        ``default_size``: pixels (default: 1024, or less where the model's position grid is smaller)."""
+        check_choice("offload", offload, OFFLOAD_MODES)
         self.mmdit, self.vae, self.text_encoder = mmdit, vae, text_encoder
         self.model = model
-        self.defaults = MODEL_DEFAULTS.get(model, MODEL_DEFAULTS["custom"])
+        self.defaults = dict(defaults if defaults is not None else MODEL_DEFAULTS.get(model, MODEL_DEFAULTS["custom"]))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.offload = offload
         self.latent_format = (latent_scale, latent_shift)
-        self.default_size = None   # pixels; None: 1024, or less where the model's position grid is smaller
+        self.default_size = default_size
         self.last_seed = None
         if offload == "none":
             for m in (mmdit, vae, text_encoder):
@@ -159,8 +161,7 @@ class SD3Pipeline:
         device while it runs. ``"sequential"``: nothing is loaded now; each component is read from its
         memory-mapped file straight onto the device right before its stage and freed after it.
         """
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload must be one of {OFFLOAD_MODES}")
+        check_choice("offload", offload, OFFLOAD_MODES)        # before anything is loaded
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or default_dtype(device)
         place = device if offload != "model" else torch.device("cpu")
@@ -214,14 +215,17 @@ class SD3Pipeline:
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", *, width=None, height=None, steps=None, cfg_scale=None,
-                 shift=None, sampler=None, seed=None, init_image=None, denoise=None, slg=None, progress=True):
-        """Generate one image per prompt -> list of PIL images (each with ``info["parameters"]``).
+                 shift=None, sampler=None, seed=None, init_image=None, denoise=None, slg=None, progress=True,
+                 output="pil"):
+        """Generate one image per prompt -> list of PIL images (each with ``info["parameters"]``), or with
+        ``output="tensor"`` the decoded images (B, 3, H, W) in [-1, 1], before rounding to 8 bits.
 
         ``seed``: image i of a batch uses seed + i (None: a random seed, kept in ``self.last_seed``).
         ``init_image`` + ``denoise`` in (0, 1] (default 0.8): image-to-image. ``slg``: True for the reference's
         skip-layer guidance, or a dict(scale, start, end, layers).
         """
         prompts, negatives = check_prompts(prompt, negative_prompt)
+        check_choice("output", output, ("pil", "tensor"))
         steps = steps if steps is not None else self.defaults["steps"]
         cfg_scale = cfg_scale if cfg_scale is not None else self.defaults["cfg_scale"]
         shift = shift if shift is not None else self.defaults["shift"]
@@ -248,7 +252,10 @@ class SD3Pipeline:
         latent = self._denoise(noise, cond, uncond, steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
                                init_latent=init_latent, denoise=denoise if init_image is not None else 1.0, slg=slg,
                                progress=progress)
-        images = tensor_to_images(self._decode(latent))
+        decoded = self._decode(latent)
+        if output == "tensor":
+            return decoded.clamp(-1, 1)
+        images = tensor_to_images(decoded)
         for i, im in enumerate(images):
             im.info["parameters"] = (f"prompt: {prompts[i]!r}; negative: {negatives[i]!r}; seed: {seed + i}; "
                                      f"steps: {steps}; cfg: {cfg_scale}; shift: {shift}; sampler: {sampler}; "
@@ -281,7 +288,7 @@ class SD3Pipeline:
                 raise ArgumentError(f"slg=True is the reference's skip-layer guidance for SD3.5-medium (layers "
                                     f"{', '.join(map(str, DEFAULT_SLG['layers']))}); this model has {depth} joint "
                                     f"blocks: pass slg=dict(scale, start, end, layers) with layers in 0-{depth - 1}")
-            return DEFAULT_SLG
+            return dict(DEFAULT_SLG)
         if slg is False:
             return None
         return check_slg(slg, depth)

@@ -1,16 +1,19 @@
 """The embedded tiny SD3: data, judge, training (resume, DDP), and the shipped model's quality."""
 
+import copy
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
+import sd3mini
 from sd3mini.toy import data
 from sd3mini.toy.judge import find_objects, judge, pair_parts, score
 from sd3mini.toy.model import VOCAB, ToyTextEncoder, load_toy, same_word_cosines, shipped_path, toy_pipeline
@@ -343,3 +346,46 @@ def test_save_every_and_the_log_is_trimmed_on_resume(tmp_path, monkeypatch):
     train(Recipe(**QUICK | {"steps": 7, "cooldown": 0}), tmp_path, resume=True, progress=False)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6, 7] and rows[5]["loss"] != 9.0
+
+
+def test_pipelines_keep_their_own_defaults():
+    """Per-model defaults are constructor arguments, stored as copies: no pipeline changes another's."""
+    from sd3mini.pipeline import MODEL_DEFAULTS
+    from sd3mini.toy.model import toy_pipeline
+
+    a, b = toy_pipeline(), toy_pipeline()
+    a.defaults["steps"] = 3
+    assert b.defaults["steps"] == 20 and a.default_size == b.default_size == 32
+    before = dict(MODEL_DEFAULTS["custom"])
+    a2 = sd3mini.SD3Pipeline(a.mmdit, a.vae, a.text_encoder)
+    a2.defaults["steps"] = 1
+    assert MODEL_DEFAULTS["custom"] == before
+
+
+def test_stored_recipes_with_the_removed_text_pool():
+    from sd3mini.checkpoint import CheckpointError
+    from sd3mini.toy.train import recipe_from
+
+    stored = asdict(Recipe()) | {"text_pool": "eos"}
+    assert recipe_from(stored) == Recipe()
+    with pytest.raises(CheckpointError, match="mean"):
+        recipe_from(stored | {"text_pool": "mean"})
+
+
+def test_train_step_is_the_loop_of_train(tmp_path):
+    """train() is train_step repeated: the same recipe stepped by hand ends with the same weights."""
+    from sd3mini.toy.train import ToySD3, data_stats, train_step, training_batch
+
+    r = Recipe(**TINY | {"steps": 3})
+    train(r, tmp_path / "run", progress=False)
+    torch.manual_seed(r.seed)
+    model = ToySD3(r)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=r.weight_decay)
+    scale, shift = data_stats()
+    for step in range(r.steps):
+        train_step(model, ema, opt, r, step, training_batch(r, step, 0, scale, shift))
+    saved = {k[4:]: v.load() for k, v in sd3mini.open_state_dict(tmp_path / "run" / "last.safetensors").items()
+             if k.startswith("ema.")}
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(saved[k], v, rtol=0, atol=0)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..mmdit import Mlp, MMDiT, MMDiTConfig
-from .data import CELLS, COLOURS, RELATIONS, SHAPES, SIZES
+from .data import CELLS, COLOURS, IMAGE_SIZE, RELATIONS, SHAPES, SIZES
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 WORDS = sorted({"a", "in", "the"} | set(COLOURS) | set(SHAPES) | set(SIZES)
@@ -52,9 +52,8 @@ class ToyTextEncoder(nn.Module):
     MM-DiT. The empty caption is the unconditional input of classifier-free guidance.
     """
 
-    def __init__(self, width: int = 128, layers: int = 2, heads: int = 2, pool: str = "eos"):
+    def __init__(self, width: int = 128, layers: int = 2, heads: int = 2):
         super().__init__()
-        self.pool = pool
         # Word and position vectors on the same scale, N(0, 1). With positions at N(0, 0.02^2) under
         # nn.Embedding's N(0, 1) words, the trained encoder came out order-blind: "red" had the same state
         # (cosine 1.000) as subject and as object, so "red above blue" = "blue above red" to the MM-DiT.
@@ -63,7 +62,7 @@ class ToyTextEncoder(nn.Module):
         self.position_embedding = nn.Parameter(torch.randn(MAX_TOKENS, width))
         self.blocks = nn.ModuleList([TextBlock(width, heads) for _ in range(layers)])
         self.final_norm = nn.LayerNorm(width)
-        self.config = dict(width=width, layers=layers, heads=heads, pool=pool)
+        self.config = dict(width=width, layers=layers, heads=heads)
 
     def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompts -> (B, 16) ids; unknown words become <unk> with a warning that names them."""
@@ -89,9 +88,6 @@ class ToyTextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, keep)
         x = self.final_norm(x)
-        if self.pool == "mean":        # the mean of the real (non-pad) tokens' states
-            real = (tokens != 0).unsqueeze(-1).to(x.dtype)
-            return x, (x * real).sum(1) / real.sum(1)
         return x, x[torch.arange(len(tokens), device=tokens.device), (tokens == 2).int().argmax(dim=1)]
 
     def encode(self, prompts: str | list[str]):
@@ -158,9 +154,19 @@ def load_toy(path=None, device="cpu"):
     _check_text_shapes(path, meta, text_sd)
     mmdit = build(lambda: MMDiT(mmdit_cfg), mmdit_sd,
                   what="tiny MM-DiT", device=device, dtype=torch.float32, meta=False)   # 5 MB: the CPU is quicker
-    text = build(lambda: ToyTextEncoder(**meta["text"]), text_sd,
+    text = build(lambda: ToyTextEncoder(**_text_config(path, meta)), text_sd,
                  what="tiny text encoder", device=device, dtype=torch.float32, meta=False)
     return mmdit, text, meta
+
+
+def _text_config(path, meta: dict) -> dict:
+    """The text encoder's settings; files before 2026-12 also stored ``pool``, always "eos" (the only one now)."""
+    from ..checkpoint import CheckpointError
+
+    config = dict(meta["text"])
+    if config.pop("pool", "eos") != "eos":
+        raise CheckpointError(f"{path}: its text encoder pools by the mean, which sd3mini no longer supports")
+    return config
 
 
 TOY_META_KEYS = ("mmdit", "text", "latent_scale", "latent_shift", "image_size", "defaults")
@@ -227,13 +233,17 @@ def _check_text_shapes(path, meta: dict, sd: dict):
                               "do not hold")
 
 
-def toy_pipeline(path=None, device="cpu"):
-    """An ``SD3Pipeline`` of the tiny model: text -> 32 x 32 image on a CPU in a fraction of a second."""
+def pipeline_of(mmdit, text, latent_scale: float, latent_shift: float, defaults: dict, device="cpu",
+                image_size: int = IMAGE_SIZE):
+    """An ``SD3Pipeline`` around a tiny MM-DiT and its text encoder: loaded, or in the middle of training."""
     from ..pipeline import SD3Pipeline
 
+    return SD3Pipeline(mmdit, PixelSpace(), text, model="toy", device=device, latent_scale=latent_scale,
+                       latent_shift=latent_shift, defaults=defaults, default_size=image_size)
+
+
+def toy_pipeline(path=None, device="cpu"):
+    """An ``SD3Pipeline`` of the tiny model: text -> 32 x 32 image on a CPU in a fraction of a second."""
     mmdit, text, meta = load_toy(path, device)
-    pipe = SD3Pipeline(mmdit, PixelSpace(), text, model="toy", device=device,
-                       latent_scale=meta["latent_scale"], latent_shift=meta["latent_shift"])
-    pipe.defaults = dict(meta["defaults"])
-    pipe.default_size = meta["image_size"]
-    return pipe
+    return pipeline_of(mmdit, text, meta["latent_scale"], meta["latent_shift"], meta["defaults"], device,
+                       meta["image_size"])

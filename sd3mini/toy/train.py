@@ -61,8 +61,16 @@ class Recipe:
     patch: int = 4
     text_width: int = 128
     text_layers: int = 2
-    text_pool: str = "eos"
     seed: int = 0
+
+
+def recipe_from(stored: dict) -> Recipe:
+    """A recipe stored in a checkpoint. Runs before 2026-12 also stored ``text_pool``, always "eos", the
+    only pooling left."""
+    stored = dict(stored)
+    if stored.pop("text_pool", "eos") != "eos":
+        raise CheckpointError("this run pooled its text by the mean, which sd3mini no longer supports")
+    return Recipe(**stored)
 
 
 def _flag(name: str) -> str:
@@ -93,11 +101,10 @@ def check_recipe(r: Recipe):
     for name in ("ema", "cfg_drop", "p_pair"):
         check_number(_flag(name), getattr(r, name), minimum=0, maximum=1)
     check_choice("--t-sampler", r.t_sampler, TIMESTEP_SAMPLERS)
-    check_choice("--text-pool", r.text_pool, ("eos", "mean"))
 
 
 # Fields that fix the model's shape: a checkpoint cannot be resumed with others, even with --force.
-ARCHITECTURE = ("width", "depth", "heads", "patch", "text_width", "text_layers", "text_pool")
+ARCHITECTURE = ("width", "depth", "heads", "patch", "text_width", "text_layers")
 
 
 def recipe_changes(saved: Recipe, r: Recipe) -> dict:
@@ -112,12 +119,13 @@ class ToySD3(nn.Module):
 
     def __init__(self, r: Recipe):
         super().__init__()
-        self.text = ToyTextEncoder(width=r.text_width, layers=r.text_layers, heads=r.heads, pool=r.text_pool)
+        self.text = ToyTextEncoder(width=r.text_width, layers=r.text_layers, heads=r.heads)
         self.mmdit = MMDiT(toy_mmdit_config(r.width, r.depth, r.patch, r.text_width, heads=r.heads)).initialize_weights()
 
-    def forward(self, zt, t, tokens):
+    def forward(self, zt, sigma, tokens):
+        """zt (B, 3, H, W) at noise levels sigma (B,), tokens (B, 16) -> the velocity (B, 3, H, W)."""
         context, pooled = self.text(tokens)
-        return self.mmdit(zt, t * 1000, y=pooled, context=context)
+        return self.mmdit(zt, 1000 * sigma, y=pooled, context=context)
 
 
 def learning_rate(r: Recipe, step: int) -> float:
@@ -187,34 +195,30 @@ def export(path, ema: ToySD3, r: Recipe, scale: float, shift: float, extra: dict
     cfg = asdict(ema.mmdit.config)
     meta = {"mmdit": cfg, "text": ema.text.config, "latent_scale": scale, "latent_shift": shift,
             "image_size": data.IMAGE_SIZE, "recipe": asdict(r),
-            "defaults": dict(steps=20, cfg_scale=r.cfg_scale, shift=r.t_shift, sampler="euler")} | (extra or {})
+            "defaults": toy_defaults(r)} | (extra or {})
     sd = {f"mmdit.{k}": v.half() for k, v in ema.mmdit.state_dict().items()}
     sd |= {f"text.{k}": v.half() for k, v in ema.text.state_dict().items()}
     save_state_dict(sd, path, metadata={"sd3mini_toy": json.dumps(meta)})      # atomic: a temporary file, renamed
 
 
 # --- evaluation -----------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(model: ToySD3, captions, *, scale, shift, steps=20, cfg_scale=4.0, sample_shift=1.0, seed=0, batch=100):
-    """Images (B, 3, 32, 32) in [-1, 1] for ``captions``, image i from noise seed ``seed + i``."""
-    from ..flow import process_out
-    from ..sampling import make_noise, sample
-
-    out = []
-    for i in range(0, len(captions), batch):
-        chunk = captions[i: i + batch]
-        cond = model.text(model.text.tokenize(chunk))
-        uncond = model.text(model.text.tokenize([""] * len(chunk))) if cfg_scale != 1.0 else None
-        noise = make_noise(seed + i, (3, data.IMAGE_SIZE, data.IMAGE_SIZE), batch=len(chunk))
-        z = sample(model.mmdit, noise, cond, uncond, steps=steps, shift=sample_shift, cfg_scale=cfg_scale, progress=False)
-        out.append(process_out(z, scale, shift).clamp(-1, 1))
-    return torch.cat(out)
+def toy_defaults(r: Recipe) -> dict:
+    """How a model of this recipe samples by default (stored in its exported file)."""
+    return dict(steps=20, cfg_scale=r.cfg_scale, shift=r.t_shift, sampler="euler")
 
 
-def evaluate(model, captions, **kw) -> dict:
+def generate(pipe, captions, *, seed=0, batch=100, **options) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for ``captions`` through ``pipe``, image i from seed ``seed + i``;
+    ``options`` are the pipeline's (steps, cfg_scale, shift, ...)."""
+    return torch.cat([pipe(captions[i: i + batch], seed=seed + i, output="tensor", progress=False, **options)
+                      for i in range(0, len(captions), batch)])
+
+
+def evaluate(pipe, captions, **options) -> dict:
+    """The judge's scores (colour, shape, size, cell, relation, all) of ``pipe``'s images of ``captions``."""
     from .judge import score
 
-    return score(generate(model, captions, **kw), captions)
+    return score(generate(pipe, captions, **options), captions)
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -241,7 +245,7 @@ def check_out(out: Path, r: Recipe, resume: bool, force: bool) -> list[str]:
         if not state.exists():
             raise ArgumentError(f"--resume: {out} has no last.safetensors to resume from; leave out --resume to "
                                 "start a run")
-        saved = Recipe(**training_meta(state)["recipe"])
+        saved = recipe_from(training_meta(state)["recipe"])
         changes = recipe_changes(saved, r)
         shape = [f"{k} {a} -> {b}" for k, (a, b) in changes.items() if k in ARCHITECTURE]
         if shape:
@@ -302,6 +306,133 @@ class StopOnSignal:
         return stop
 
 
+def update_ema(ema, model, step: int, decay: float):
+    """ema <- decay * ema + (1 - decay) * model, with a warm-up so that early weights fade fast."""
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
+
+
+def train_step(model, ema, opt, r: Recipe, step: int, batch, forward=None) -> torch.Tensor:
+    """One step of the recipe on ``batch`` = (x0, captions, noise, sigma) from ``training_batch``: the
+    velocity loss, backward, gradient clipping, AdamW at ``learning_rate(r, step)``, then the EMA.
+    ``forward`` runs the model (its DDP wrapper under torchrun; default: ``model``). Returns the loss."""
+    x0, captions, noise, sigma = batch
+    v = (forward or model)(interpolate(x0, noise, sigma), sigma, model.text.tokenize(captions))
+    loss = flow_matching_loss(v, x0, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(r, step)
+    opt.step()
+    update_ema(ema, model, step, r.ema)
+    return loss.detach()
+
+
+@dataclass
+class Run:
+    """What the loop carries: the models, the optimizer, where it is, and where it writes."""
+    r: Recipe
+    out: Path
+    model: ToySD3
+    ema: ToySD3
+    opt: torch.optim.Optimizer
+    forward: nn.Module
+    scale: float
+    shift: float
+    rank: int
+    world: int
+    device: torch.device
+    step: int = 0
+    start: float = 0.0
+    meta: dict | None = None
+    log: object = None
+    evals: list | None = None
+
+    def batch(self):
+        x0, captions, noise, sigma = training_batch(self.r, self.step, self.rank, self.scale, self.shift)
+        return x0.to(self.device), captions, noise.to(self.device), sigma.to(self.device)
+
+    def minutes(self) -> float:
+        return (time.time() - self.start) / 60
+
+
+def _start_run(r: Recipe, out: Path, *, resume: bool, force: bool, eval_size: int) -> Run:
+    """Check ``out``, build the model (the same initial weights on every rank), resume if asked."""
+    changes = check_out(out, r, resume, force)
+    rank, world, device = _setup_distributed()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if force and not resume:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        if changes:
+            tqdm.write(f"resuming with a changed recipe: {', '.join(changes)}")
+    torch.manual_seed(r.seed)
+    model = ToySD3(r).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=r.weight_decay)
+    scale, shift = data_stats()
+    forward = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    run = Run(r, out, model, ema, opt, forward, scale, shift, rank, world, device)
+    elapsed = 0.0
+    if resume:
+        saved = load_training_state(out / "last.safetensors", model, ema, opt)
+        run.step, elapsed = saved["step"], saved["elapsed"]
+        if rank == 0:
+            trim_log(out / "train_log.jsonl", run.step)
+    run.start = time.time() - elapsed
+    run.meta = {"recipe": asdict(r), "world": world, "params": sum(p.numel() for p in model.parameters()),
+                "latent_scale": scale, "latent_shift": shift}
+    run.log = open(out / "train_log.jsonl", "a") if rank == 0 else None
+    run.evals = eval_captions_subset(eval_size)
+    return run
+
+
+def _log(run: Run, loss: float, eval_every: int):
+    """One row of train_log.jsonl (rank 0); every ``eval_every`` steps the judge's scores of the EMA model."""
+    if run.log is None:
+        return
+    record = {"step": run.step, "loss": round(loss, 5), "minutes": round(run.minutes(), 3)}
+    if eval_every and run.step % eval_every == 0:
+        from .model import pipeline_of
+
+        pipe = pipeline_of(run.ema.mmdit, run.ema.text, run.scale, run.shift, toy_defaults(run.r), run.device)
+        record["eval"] = evaluate(pipe, run.evals)
+        tqdm.write(f"step {run.step}: " + ", ".join(f"{k} {v:.2f}" for k, v in record["eval"].items()))
+    run.log.write(json.dumps(record) + "\n")
+    run.log.flush()
+
+
+def _save(run: Run, **extra):
+    """last.safetensors (to resume) and toy_sd3.safetensors (the EMA weights), on rank 0."""
+    run.meta["elapsed"] = time.time() - run.start
+    if run.rank == 0:
+        save_training_state(run.out / "last.safetensors", run.model, run.ema, run.opt, run.step, run.meta)
+        export(run.out / "toy_sd3.safetensors", run.ema, run.r, run.scale, run.shift,
+               {"steps_trained": run.step, "world": run.world} | extra)
+
+
+def _finish(run: Run):
+    """Save, close the log; under DDP, check that every rank ended with the same weights."""
+    _save(run, minutes=round((time.time() - run.start) / 60, 2))
+    if run.log is not None:
+        run.log.close()
+    if run.world == 1:
+        return
+    flat = torch.cat([p.detach().flatten() for p in list(run.model.parameters()) + list(run.ema.parameters())])
+    gathered = [torch.empty_like(flat) for _ in range(run.world)]
+    dist.all_gather(gathered, flat)
+    same = all(torch.equal(g, gathered[0]) for g in gathered)
+    if run.rank == 0:
+        print(f"ranks agree: weights {'identical' if same else 'DIFFERENT'} across {run.world} ranks")
+    dist.destroy_process_group()
+    if not same:
+        raise RuntimeError("DDP ranks ended with different weights")
+
+
 def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: bool = False, force: bool = False,
           eval_every: int = 0, eval_size: int = 60, save_every: int = 1000, progress: bool = True) -> dict:
     """Train (or, with ``resume``, continue) a run in the folder ``out``.
@@ -316,87 +447,23 @@ def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: b
     check_int("--eval-every", eval_every, minimum=0)
     if minutes is not None:
         check_number("--minutes", minutes, above=0)
-    out = Path(out)
-    changes = check_out(out, r, resume, force)
-    rank, world, device = _setup_distributed()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if force and not resume:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-        if changes:
-            tqdm.write(f"resuming with a changed recipe: {', '.join(changes)}")
-    torch.manual_seed(r.seed)                               # the same initial weights on every rank
-    model = ToySD3(r).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=r.weight_decay)
-    scale, shift = data_stats()
-    step, elapsed = 0, 0.0
-    if resume:
-        meta = load_training_state(out / "last.safetensors", model, ema, opt)
-        step, elapsed = meta["step"], meta["elapsed"]
-        if rank == 0:
-            trim_log(out / "train_log.jsonl", step)
-    trainer = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    n_params = sum(p.numel() for p in model.parameters())
-    log = open(out / "train_log.jsonl", "a") if rank == 0 else None
-    evals = eval_captions_subset(eval_size) if eval_every else []
-    bar = tqdm(total=r.steps, initial=step, disable=not progress or rank != 0, desc="train-toy")
-    start = time.time() - elapsed
-    meta = {"recipe": asdict(r), "world": world, "params": n_params, "latent_scale": scale, "latent_shift": shift}
+    run = _start_run(r, Path(out), resume=resume, force=force, eval_size=eval_size)
+    bar = tqdm(total=r.steps, initial=run.step, disable=not progress or run.rank != 0, desc="train-toy")
     with StopOnSignal() as stop:
-        while step < r.steps and not (minutes and (time.time() - start) / 60 >= minutes):
-            x0, captions, noise, t = training_batch(r, step, rank, scale, shift)
-            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-            tokens = model.text.tokenize(captions)
-            v = trainer(interpolate(x0, noise, t), t, tokens)
-            loss = flow_matching_loss(v, x0, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(r, step)
-            opt.step()
-            decay = min(r.ema, (1 + step) / (10 + step))       # EMA warm-up: early weights fade fast
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(p, 1 - decay)
-            step += 1
+        while run.step < r.steps and not (minutes and run.minutes() >= minutes):
+            loss = train_step(run.model, run.ema, run.opt, r, run.step, run.batch(), run.forward).item()
+            run.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if log is not None:
-                record = {"step": step, "loss": round(loss.item(), 5), "minutes": round((time.time() - start) / 60, 3)}
-                if eval_every and step % eval_every == 0:
-                    record["eval"] = evaluate(ema, evals, scale=scale, shift=shift, sample_shift=r.t_shift,
-                                              cfg_scale=r.cfg_scale)
-                    tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in record["eval"].items()))
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if stop.requested(world, device):
+            bar.set_postfix(loss=f"{loss:.4f}")
+            _log(run, loss, eval_every)
+            if stop.requested(run.world, run.device):
                 break
-            if rank == 0 and step % save_every == 0 and step < r.steps:
-                meta["elapsed"] = time.time() - start
-                save_training_state(out / "last.safetensors", model, ema, opt, step, meta)
-                export(out / "toy_sd3.safetensors", ema, r, scale, shift, {"steps_trained": step, "world": world})
+            if run.step % save_every == 0 and run.step < r.steps:
+                _save(run)
     bar.close()
-    if log is not None:
-        log.close()
-    meta["elapsed"] = time.time() - start
-    if rank == 0:
-        save_training_state(out / "last.safetensors", model, ema, opt, step, meta)
-        export(out / "toy_sd3.safetensors", ema, r, scale, shift, {"steps_trained": step, "world": world,
-                                                                    "minutes": round(meta["elapsed"] / 60, 2)})
-    if world > 1:
-        flat = torch.cat([p.detach().flatten() for p in list(model.parameters()) + list(ema.parameters())])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        same = all(torch.equal(g, gathered[0]) for g in gathered)
-        if rank == 0:
-            print(f"ranks agree: weights {'identical' if same else 'DIFFERENT'} across {world} ranks")
-        dist.destroy_process_group()
-        if not same:
-            raise RuntimeError("DDP ranks ended with different weights")
-    return {"steps": step, "minutes": meta["elapsed"] / 60, "params": n_params, "interrupted": stop.received}
+    _finish(run)
+    return {"steps": run.step, "minutes": run.meta["elapsed"] / 60, "params": run.meta["params"],
+            "interrupted": stop.received}
 
 
 def eval_captions_subset(n: int) -> list[str]:
