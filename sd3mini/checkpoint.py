@@ -44,6 +44,21 @@ def materialize(t) -> torch.Tensor:
     return t.load() if isinstance(t, LazyTensor) else t
 
 
+def prefix_of(sd, key: str, prefix: str, what: str) -> str:
+    """``prefix`` if ``sd`` holds ``prefix + key``, "" if it holds ``key``; else a KeyError naming ``what``."""
+    if prefix + key in sd:
+        return prefix
+    if key not in sd:
+        raise KeyError(f"not {what} state dict: {key!r} is missing")
+    return ""
+
+
+def num_blocks(sd, prefix: str) -> int:
+    """How many indexed blocks ``{prefix}{i}.*`` the keys of ``sd`` hold: 1 + the largest i (0 if none)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return 1 + max((int(m.group(1)) for k in sd if (m := pattern.match(k))), default=-1)
+
+
 def read_header(path) -> dict:
     """The JSON header of a safetensors file, after checking that the file is one and is complete."""
     path = Path(path)
@@ -121,39 +136,37 @@ def state_dict_of(src) -> dict:
     raise TypeError(f"expected a path or a state dict, got {type(src).__name__}")
 
 
+_UNET = r"model\.diffusion_model\.input_blocks\.|input_blocks\.\d+\."
+_SDXL = r"conditioner\.embedders\.1\.|(model\.diffusion_model\.)?label_emb\."
+# What a file holds, for error messages: from each group, the first description whose patterns all
+# match the start of some key.
+_DESCRIPTIONS = [
+    [((r"model\.diffusion_model\.joint_blocks\.",), "an SD3 MMDiT under 'model.diffusion_model.'"),
+     ((r"joint_blocks\.",), "an SD3 MMDiT without prefix"),
+     ((r"(model\.diffusion_model\.)?double_blocks\.",), "a FLUX transformer ('double_blocks.*'), not SD3"),
+     ((r"transformer_blocks\.\d+\.attn\.add_q_proj", r"pos_embed\.proj"),
+      "a diffusers SD3Transformer2DModel (the 'transformer/' folder of a diffusers repo)"),
+     ((_UNET, _SDXL), "an SDXL UNet ('input_blocks.*'), not SD3"),
+     ((_UNET,), "an SD 1.x/2.x UNet ('input_blocks.*'), not SD3"),
+     ((r"down_blocks\.\d+\.attentions",), "a diffusers UNet, not SD3"),
+     ((r"conv_in\.weight", r"time_embedding\."), "a diffusers UNet, not SD3")],
+    [((r"ema\.mmdit\.joint_blocks\.", r"opt\."),
+      "a train-toy training state (model, EMA and optimizer; its toy_sd3.safetensors has the weights)"),
+     ((r"mmdit\.joint_blocks\.", r"text\.token_embedding\."), "a tiny-model checkpoint (sd3mini.toy)")],
+    [((r"(first_stage_model\.)?encoder\.down\.\d+\.block",), "an LDM-layout VAE"),
+     ((r"encoder\.down_blocks\.\d+\.resnets",), "a diffusers VAE (AutoencoderKL)")],
+    *([((rf"text_encoders\.{name}\.",), f"a bundled {name} text encoder")] for name in ("clip_l", "clip_g", "t5xxl")),
+    [((r"text_model\.encoder\.layers\.",), "a CLIP text encoder")],
+    [((r"encoder\.block\.\d+\.layer\.0\.SelfAttention",), "a T5 text encoder")],
+]
+
+
 def describe_checkpoint(keys) -> str:
     """A short guess of what a set of keys is, for error messages."""
     keys = list(keys)
     has = lambda pattern: any(re.match(pattern, k) for k in keys)  # noqa: E731
-    parts = []
-    if has(r"model\.diffusion_model\.joint_blocks\."):
-        parts.append("an SD3 MMDiT under 'model.diffusion_model.'")
-    elif has(r"joint_blocks\."):
-        parts.append("an SD3 MMDiT without prefix")
-    elif has(r"(model\.diffusion_model\.)?double_blocks\."):
-        parts.append("a FLUX transformer ('double_blocks.*'), not SD3")
-    elif has(r"transformer_blocks\.\d+\.attn\.add_q_proj") and has(r"pos_embed\.proj"):
-        parts.append("a diffusers SD3Transformer2DModel (the 'transformer/' folder of a diffusers repo)")
-    elif has(r"model\.diffusion_model\.input_blocks\.") or has(r"input_blocks\.\d+\."):
-        sdxl = has(r"conditioner\.embedders\.1\.") or has(r"(model\.diffusion_model\.)?label_emb\.")
-        parts.append("an SDXL UNet ('input_blocks.*'), not SD3" if sdxl else "an SD 1.x/2.x UNet ('input_blocks.*'), not SD3")
-    elif has(r"down_blocks\.\d+\.attentions") or has(r"conv_in\.weight") and has(r"time_embedding\."):
-        parts.append("a diffusers UNet, not SD3")
-    if has(r"ema\.mmdit\.joint_blocks\.") and has(r"opt\."):
-        parts.append("a train-toy training state (model, EMA and optimizer; its toy_sd3.safetensors has the weights)")
-    elif has(r"mmdit\.joint_blocks\.") and has(r"text\.token_embedding\."):
-        parts.append("a tiny-model checkpoint (sd3mini.toy)")
-    if has(r"(first_stage_model\.)?encoder\.down\.\d+\.block"):
-        parts.append("an LDM-layout VAE")
-    elif has(r"encoder\.down_blocks\.\d+\.resnets"):
-        parts.append("a diffusers VAE (AutoencoderKL)")
-    for name in ("clip_l", "clip_g", "t5xxl"):
-        if has(rf"text_encoders\.{name}\."):
-            parts.append(f"a bundled {name} text encoder")
-    if has(r"text_model\.encoder\.layers\."):
-        parts.append("a CLIP text encoder")
-    if has(r"encoder\.block\.\d+\.layer\.0\.SelfAttention"):
-        parts.append("a T5 text encoder")
+    found = (next((text for patterns, text in group if all(map(has, patterns))), None) for group in _DESCRIPTIONS)
+    parts = [text for text in found if text]
     if not parts:
         parts.append(f"an unrecognised model ({len(keys)} keys, e.g. {', '.join(sorted(keys)[:3])})")
     return "; ".join(parts)

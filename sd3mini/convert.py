@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LazyTensor, materialize, save_state_dict
+from .flow import LATENT_SCALE, LATENT_SHIFT
 from .mmdit import MMDiT, MMDiTConfig
 from .vae import SDVAE, VAEConfig
 
@@ -67,20 +68,17 @@ def mmdit_diffusers_names(key: str, depth: int) -> tuple[list[str], str]:
     raise KeyError(key)
 
 
-def mmdit_config_from_diffusers(sd) -> MMDiTConfig:
-    """The MMDiTConfig of a diffusers SD3Transformer2DModel state dict (from its shapes)."""
-    hidden, in_channels, patch, _ = sd["pos_embed.proj.weight"].shape
-    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer_blocks\.(\d+)\.", k)))
-    qk_norm = "transformer_blocks.0.attn.norm_q.weight" in sd
-    head_dim = sd["transformer_blocks.0.attn.norm_q.weight"].shape[0] if qk_norm else 64
-    return MMDiTConfig(
-        depth=depth, hidden_size=hidden, num_heads=hidden // head_dim, patch_size=patch, in_channels=in_channels,
-        pos_embed_max_size=round(sd["pos_embed.pos_embed"].shape[1] ** 0.5),
-        adm_in_channels=sd["time_text_embed.text_embedder.linear_1.weight"].shape[1],
-        context_in_dim=sd["context_embedder.weight"].shape[1],
-        mlp_ratio=sd["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden, qk_norm=qk_norm,
-        x_block_self_attn_layers=tuple(i for i in range(depth) if f"transformer_blocks.{i}.attn2.to_q.weight" in sd),
-    )
+# The tensors MMDiTConfig.from_state_dict reads, by their diffusers names (see mmdit.CONFIG_KEYS).
+_MMDIT_CONFIG_KEYS = {
+    "patch": "pos_embed.proj.weight",
+    "pos_embed": "pos_embed.pos_embed",
+    "y": "time_text_embed.text_embedder.linear_1.weight",
+    "context": "context_embedder.weight",
+    "blocks": "transformer_blocks.",
+    "fc1": "transformer_blocks.0.ff.net.0.proj.weight",
+    "ln_q": "transformer_blocks.0.attn.norm_q.weight",
+    "attn2": "transformer_blocks.{}.attn2.to_q.weight",
+}
 
 
 def _official_shapes(model_cls, config) -> dict[str, torch.Size]:
@@ -132,7 +130,7 @@ def _to_diffusers(sd: dict, names_of) -> dict[str, torch.Tensor]:
 
 
 def mmdit_from_diffusers(sd) -> dict:
-    config = mmdit_config_from_diffusers(sd)
+    config = MMDiTConfig.from_state_dict(sd, _MMDIT_CONFIG_KEYS)
     return _to_official(sd, _official_shapes(MMDiT, config), lambda k: mmdit_diffusers_names(k, config.depth))
 
 
@@ -181,17 +179,18 @@ def vae_diffusers_names(key: str, levels: int) -> tuple[list[str], str]:
     return [f"{part}.{rest}"], "copy"                                # conv_in, conv_out, conv_norm_out
 
 
-def vae_config_from_diffusers(sd) -> VAEConfig:
-    ch, in_channels = sd["encoder.conv_in.weight"].shape[:2]
-    levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
-    blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)))
-    return VAEConfig(
-        ch=ch, ch_mult=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // ch for i in range(levels)),
-        num_res_blocks=blocks, in_channels=in_channels, z_channels=sd["decoder.conv_in.weight"].shape[1])
+# The tensors VAEConfig.from_state_dict reads, by their diffusers names (see vae.CONFIG_KEYS).
+_VAE_CONFIG_KEYS = {
+    "conv_in": "encoder.conv_in.weight",
+    "levels": "encoder.down_blocks.",
+    "blocks": "encoder.down_blocks.0.resnets.",
+    "conv1": "encoder.down_blocks.{}.resnets.0.conv1.weight",
+    "z": "decoder.conv_in.weight",
+}
 
 
 def vae_from_diffusers(sd) -> dict:
-    config = vae_config_from_diffusers(sd)
+    config = VAEConfig.from_state_dict(sd, _VAE_CONFIG_KEYS)
     return _to_official(sd, _official_shapes(SDVAE, config), lambda k: vae_diffusers_names(k, len(config.ch_mult)))
 
 
@@ -206,7 +205,7 @@ def vae_diffusers_config(config: VAEConfig) -> dict:
         "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
         "block_out_channels": [config.ch * m for m in config.ch_mult], "layers_per_block": config.num_res_blocks,
         "act_fn": "silu", "latent_channels": config.z_channels, "norm_num_groups": 32, "sample_size": 1024,
-        "scaling_factor": 1.5305, "shift_factor": 0.0609, "latents_mean": None, "latents_std": None,
+        "scaling_factor": LATENT_SCALE, "shift_factor": LATENT_SHIFT, "latents_mean": None, "latents_std": None,
         "force_upcast": True, "use_quant_conv": False, "use_post_quant_conv": False,
         "mid_block_add_attention": True,
     }

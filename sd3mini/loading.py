@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, state_dict_of
+from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, num_blocks, state_dict_of
 from .convert import is_diffusers_mmdit, is_diffusers_vae, mmdit_from_diffusers, vae_from_diffusers
 from .mmdit import MMDiT, MMDiTConfig
 from .text import CLIPTextEncoder, T5TextEncoder
@@ -141,8 +141,7 @@ def clip_shape(sd: dict) -> dict:
     """Width, layers and projection of a CLIP text encoder (Hugging Face names), and the kind they are
     (clip_l or clip_g) when the width is one of the official two; kind None for other sizes."""
     width = sd["text_model.embeddings.token_embedding.weight"].shape[1]
-    layers = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))),
-                     default=-1)
+    layers = num_blocks(sd, "text_model.encoder.layers.")
     projection = sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else width
     kind = next((k for k, v in CLIP_SHAPES.items() if v["width"] == width), None)
     return dict(kind=kind, width=width, layers=layers, projection=projection)
@@ -195,21 +194,25 @@ def check_text_encoders(sources: dict, mmdit_config: MMDiTConfig):
                               f"{mmdit_config.adm_in_channels}")
 
 
+def _read(src, select, config_cls, model_cls):
+    """What ``build`` needs: (make, the model's state dict selected by ``select``, all the file's keys)."""
+    full = state_dict_of(src)
+    sd = select(full)
+    config = config_cls.from_state_dict(sd)
+    return (lambda: model_cls(config)), sd, full
+
+
 def load_mmdit(src, *, device=None, dtype=None) -> MMDiT:
     """An MM-DiT from a path (single file, MMDiT-only file, diffusers ``transformer/`` folder or file)
     or a state dict (official keys with or without ``model.diffusion_model.``, or diffusers keys)."""
-    full = state_dict_of(src)
-    sd = mmdit_state_dict(full)
-    config = MMDiTConfig.from_state_dict(sd)
-    return build(lambda: MMDiT(config), sd, what="SD3 MMDiT", device=device, dtype=dtype, all_keys=full)
+    make, sd, full = _read(src, mmdit_state_dict, MMDiTConfig, MMDiT)
+    return build(make, sd, what="SD3 MMDiT", device=device, dtype=dtype, all_keys=full)
 
 
 def load_vae(src, *, device=None, dtype=None) -> SDVAE:
     """The 16-channel VAE from a path or a state dict (with or without ``first_stage_model.``, or diffusers)."""
-    full = state_dict_of(src)
-    sd = vae_state_dict(full)
-    config = VAEConfig.from_state_dict(sd)
-    return build(lambda: SDVAE(config), sd, what="SD3 VAE", device=device, dtype=dtype, all_keys=full)
+    make, sd, full = _read(src, vae_state_dict, VAEConfig, SDVAE)
+    return build(make, sd, what="SD3 VAE", device=device, dtype=dtype, all_keys=full)
 
 
 def load_text_encoder(src, kind: str, *, num_heads: int | None = None, device=None, dtype=None):

@@ -9,12 +9,13 @@ Shapes used in the comments:
 """
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checkpoint import num_blocks, prefix_of
 
 
 # --------------------------------------------------------------------------------------------------
@@ -52,25 +53,24 @@ class MMDiTConfig:
                    x_block_self_attn_layers=tuple(range(13)))
 
     @classmethod
-    def from_state_dict(cls, sd) -> "MMDiTConfig":
+    def from_state_dict(cls, sd, keys: dict | None = None) -> "MMDiTConfig":
         """Infer the configuration from the keys and shapes of a checkpoint.
 
-        ``sd`` maps official key names (with or without the ``model.diffusion_model.`` prefix) to
+        ``sd`` maps key names (official ones with or without the ``model.diffusion_model.`` prefix) to
         anything with a ``.shape``: tensors, meta tensors, or the lazy tensors of ``sd3mini.loading``.
+        ``keys`` names the tensors read (``CONFIG_KEYS``; convert.py passes the diffusers names).
         """
-        prefix = "model.diffusion_model." if "model.diffusion_model.x_embedder.proj.weight" in sd else ""
-        if prefix + "x_embedder.proj.weight" not in sd:
-            raise KeyError("not an MMDiT state dict: 'x_embedder.proj.weight' is missing")
+        keys = keys or CONFIG_KEYS
+        prefix = prefix_of(sd, keys["patch"], "model.diffusion_model.", what="an MMDiT")
 
-        def shape(key):
-            return tuple(sd[prefix + key].shape)
+        def shape(name, *index):
+            return tuple(sd[prefix + keys[name].format(*index)].shape)
 
-        hidden, in_channels, patch, _ = shape("x_embedder.proj.weight")
-        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"joint_blocks\.(\d+)\.", k)))
-        qk_norm = prefix + "joint_blocks.0.context_block.attn.ln_q.weight" in sd
+        hidden, in_channels, patch, _ = shape("patch")
+        depth = num_blocks(sd, prefix + keys["blocks"])
+        qk_norm = prefix + keys["ln_q"] in sd
         # Official models use head_dim 64 (heads = depth); with qk-norm the RMSNorm weight tells it.
-        head_dim = shape("joint_blocks.0.context_block.attn.ln_q.weight")[0] if qk_norm else 64
-        dual = tuple(i for i in range(depth) if prefix + f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd)
+        head_dim = shape("ln_q")[0] if qk_norm else 64
         return cls(
             depth=depth,
             hidden_size=hidden,
@@ -78,12 +78,25 @@ class MMDiTConfig:
             patch_size=patch,
             in_channels=in_channels,
             pos_embed_max_size=round(math.sqrt(shape("pos_embed")[1])),
-            adm_in_channels=shape("y_embedder.mlp.0.weight")[1],
-            context_in_dim=shape("context_embedder.weight")[1],
-            mlp_ratio=shape("joint_blocks.0.x_block.mlp.fc1.weight")[0] / hidden,
+            adm_in_channels=shape("y")[1],
+            context_in_dim=shape("context")[1],
+            mlp_ratio=shape("fc1")[0] / hidden,
             qk_norm=qk_norm,
-            x_block_self_attn_layers=dual,
+            x_block_self_attn_layers=tuple(i for i in range(depth) if prefix + keys["attn2"].format(i) in sd),
         )
+
+
+# The tensors MMDiTConfig.from_state_dict reads, by their official names ({} is a block index).
+CONFIG_KEYS = {
+    "patch": "x_embedder.proj.weight",
+    "pos_embed": "pos_embed",
+    "y": "y_embedder.mlp.0.weight",
+    "context": "context_embedder.weight",
+    "blocks": "joint_blocks.",
+    "fc1": "joint_blocks.0.x_block.mlp.fc1.weight",
+    "ln_q": "joint_blocks.0.context_block.attn.ln_q.weight",
+    "attn2": "joint_blocks.{}.x_block.attn2.qkv.weight",
+}
 
 
 # --------------------------------------------------------------------------------------------------

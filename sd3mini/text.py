@@ -13,7 +13,6 @@ configured from the weights' shapes. What SD3 adds is *how* their outputs are us
 
 import gzip
 import json
-import re
 import tempfile
 import warnings
 from functools import lru_cache
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checkpoint import num_blocks
 
 CLIP_BOS, CLIP_EOS = 49406, 49407
 CLIP_LENGTH = 77          # CLIP's position table has exactly 77 rows
@@ -62,7 +63,7 @@ class CLIPTextEncoder(nn.Module):
         from transformers import CLIPTextConfig
 
         vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
-        layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k)))
+        layers = num_blocks(sd, "text_model.encoder.layers.")
         proj = sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else width
         return CLIPTextConfig(
             vocab_size=vocab, hidden_size=width, projection_dim=proj, num_hidden_layers=layers,
@@ -108,14 +109,11 @@ class T5TextEncoder(nn.Module):
         return T5Config(
             vocab_size=vocab, d_model=d_model, d_kv=sd[attn + "q.weight"].shape[0] // heads,
             d_ff=sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
-            num_layers=1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.block\.(\d+)\.", k))),
+            num_layers=num_blocks(sd, "encoder.block."),
             num_heads=heads, relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
             feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
             is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False,
         )
-
-    def init_non_persistent(self):
-        pass
 
 
 # --------------------------------------------------------------------------------------------------

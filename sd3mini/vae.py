@@ -7,7 +7,6 @@ maps a latent back to an image. There is no quant_conv / post_quant_conv (unlike
 Shapes: image (B, 3, H, W) <-> latent (B, 16, H/8, W/8) for the real configuration.
 """
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from .checkpoint import num_blocks, prefix_of
 
 
 @dataclass(frozen=True)
@@ -26,17 +27,28 @@ class VAEConfig:
     z_channels: int = 16
 
     @classmethod
-    def from_state_dict(cls, sd) -> "VAEConfig":
-        """Infer the configuration from official VAE keys (with or without ``first_stage_model.``)."""
-        prefix = "first_stage_model." if "first_stage_model.encoder.conv_in.weight" in sd else ""
-        if prefix + "encoder.conv_in.weight" not in sd:
-            raise KeyError("not an SD3 VAE state dict: 'encoder.conv_in.weight' is missing")
-        ch, in_channels = tuple(sd[prefix + "encoder.conv_in.weight"].shape)[:2]
-        levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"encoder\.down\.(\d+)\.", k)))
-        blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"encoder\.down\.0\.block\.(\d+)\.", k)))
-        ch_mult = tuple(sd[prefix + f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels))
-        z_channels = sd[prefix + "decoder.conv_in.weight"].shape[1]
-        return cls(ch=ch, ch_mult=ch_mult, num_res_blocks=blocks, in_channels=in_channels, z_channels=z_channels)
+    def from_state_dict(cls, sd, keys: dict | None = None) -> "VAEConfig":
+        """Infer the configuration from official VAE keys (with or without ``first_stage_model.``).
+
+        ``keys`` names the tensors read (``CONFIG_KEYS``; convert.py passes the diffusers names).
+        """
+        keys = keys or CONFIG_KEYS
+        prefix = prefix_of(sd, keys["conv_in"], "first_stage_model.", what="an SD3 VAE")
+        ch, in_channels = tuple(sd[prefix + keys["conv_in"]].shape)[:2]
+        levels = num_blocks(sd, prefix + keys["levels"])
+        ch_mult = tuple(sd[prefix + keys["conv1"].format(i)].shape[0] // ch for i in range(levels))
+        return cls(ch=ch, ch_mult=ch_mult, num_res_blocks=num_blocks(sd, prefix + keys["blocks"]),
+                   in_channels=in_channels, z_channels=sd[prefix + keys["z"]].shape[1])
+
+
+# The tensors VAEConfig.from_state_dict reads, by their official names ({} is a level index).
+CONFIG_KEYS = {
+    "conv_in": "encoder.conv_in.weight",
+    "levels": "encoder.down.",
+    "blocks": "encoder.down.0.block.",
+    "conv1": "encoder.down.{}.block.0.conv1.weight",
+    "z": "decoder.conv_in.weight",
+}
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
