@@ -17,50 +17,46 @@ from .pipeline import OFFLOAD_MODES
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _meta_params(cls, config) -> int:
+    """Parameters of ``cls(config)``, built on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in cls(config).parameters())
 
 
-def info(path: str) -> str:
-    """Describe a checkpoint from its header alone: detected model, configuration, parameters, dtypes."""
-    from .checkpoint import CheckpointError, describe_checkpoint, open_state_dict
-    from .loading import clip_shape, mmdit_state_dict, text_encoder_state_dict, vae_state_dict
+def _mmdit_lines(sd, path) -> list[str]:
+    from .loading import mmdit_state_dict
     from .mmdit import MMDiT, MMDiTConfig
     from .pipeline import detect_model
-    from .text import CLIPTextEncoder, T5TextEncoder
+
+    cfg = MMDiTConfig.from_state_dict(mmdit_state_dict(sd))
+    n = _meta_params(MMDiT, cfg)
+    grid = cfg.pos_embed_max_size
+    return [f"  MMDiT: {detect_model(cfg, path)}, {n / 1e9:.3f} B parameters (+ the pos_embed buffer)",
+            f"    depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, patch {cfg.patch_size}, "
+            f"position grid {grid}x{grid} (max {grid * cfg.patch_size * 8} px), qk_norm {cfg.qk_norm}, "
+            f"dual attention in blocks {list(cfg.x_block_self_attn_layers) or 'none'}",
+            f"    context {cfg.context_in_dim}, pooled {cfg.adm_in_channels}, latent channels {cfg.in_channels}"]
+
+
+def _vae_lines(sd, path) -> list[str]:
+    from .loading import vae_state_dict
     from .vae import SDVAE, VAEConfig
 
-    sd = open_state_dict(path)
-    total = sum(math.prod(t.shape) for t in sd.values())
-    dtypes = Counter(str(t.dtype).replace("torch.", "") for t in sd.values())
-    lines = [f"{path}", f"  {len(sd)} tensors, {total / 1e6:,.1f} M values; dtypes: "
-             + ", ".join(f"{d} ({n})" for d, n in dtypes.most_common()),
-             f"  contents: {describe_checkpoint(sd)}"]
-    try:
-        cfg = MMDiTConfig.from_state_dict(mmdit_state_dict(sd))
-        with torch.device("meta"):
-            n = _params(MMDiT(cfg))
-        lines += [f"  MMDiT: {detect_model(cfg, path)}, {n / 1e9:.3f} B parameters (+ the pos_embed buffer)",
-                  f"    depth {cfg.depth}, hidden {cfg.hidden_size}, heads {cfg.num_heads}, patch {cfg.patch_size}, "
-                  f"position grid {cfg.pos_embed_max_size}x{cfg.pos_embed_max_size} (max "
-                  f"{cfg.pos_embed_max_size * cfg.patch_size * 8} px), qk_norm {cfg.qk_norm}, "
-                  f"dual attention in blocks {list(cfg.x_block_self_attn_layers) or 'none'}",
-                  f"    context {cfg.context_in_dim}, pooled {cfg.adm_in_channels}, latent channels {cfg.in_channels}"]
-    except (CheckpointError, KeyError):
-        pass
-    try:
-        vcfg = VAEConfig.from_state_dict(vae_state_dict(sd))
-        with torch.device("meta"):
-            n = _params(SDVAE(vcfg))
-        lines.append(f"  VAE: {n / 1e6:.1f} M parameters, ch {vcfg.ch}, ch_mult {list(vcfg.ch_mult)}, "
-                     f"z {vcfg.z_channels}")
-    except (CheckpointError, KeyError):
-        pass
+    vcfg = VAEConfig.from_state_dict(vae_state_dict(sd))
+    n = _meta_params(SDVAE, vcfg)
+    return [f"  VAE: {n / 1e6:.1f} M parameters, ch {vcfg.ch}, ch_mult {list(vcfg.ch_mult)}, z {vcfg.z_channels}"]
+
+
+def _text_lines(sd) -> list[str]:
+    from .loading import clip_shape, text_encoder_state_dict
+    from .text import CLIPTextEncoder, T5TextEncoder
+
     bundled = [k for k in ("clip_l", "clip_g", "t5xxl") if any(key.startswith(f"text_encoders.{k}.") for key in sd)]
     if not bundled and "text_model.embeddings.token_embedding.weight" in sd:    # a standalone CLIP file
         bundled = [clip_shape(sd)["kind"] or "clip_l"]
     if not bundled and "encoder.block.0.layer.0.SelfAttention.q.weight" in sd:
         bundled = ["t5xxl"]
+    lines = []
     for kind in bundled:
         tsd = text_encoder_state_dict(sd, kind)
         if kind == "t5xxl":
@@ -71,7 +67,25 @@ def info(path: str) -> str:
             desc = f"{c.num_hidden_layers} layers, width {c.hidden_size}"
         n = sum(math.prod(t.shape) for k, t in tsd.items() if k != "encoder.embed_tokens.weight")
         lines.append(f"  text encoder {kind}: {n / 1e6:,.1f} M parameters, {desc}")
-    return "\n".join(lines)
+    return lines
+
+
+def info(path: str) -> str:
+    """Describe a checkpoint from its header alone: detected model, configuration, parameters, dtypes."""
+    from .checkpoint import CheckpointError, describe_checkpoint, open_state_dict
+
+    sd = open_state_dict(path)
+    total = sum(math.prod(t.shape) for t in sd.values())
+    dtypes = Counter(str(t.dtype).replace("torch.", "") for t in sd.values())
+    lines = [f"{path}", f"  {len(sd)} tensors, {total / 1e6:,.1f} M values; dtypes: "
+             + ", ".join(f"{d} ({n})" for d, n in dtypes.most_common()),
+             f"  contents: {describe_checkpoint(sd)}"]
+    for part in (_mmdit_lines, _vae_lines):          # each part that the file holds
+        try:
+            lines += part(sd, path)
+        except (CheckpointError, KeyError):
+            pass
+    return "\n".join(lines + _text_lines(sd))
 
 
 def load_pipeline(args):

@@ -209,10 +209,6 @@ class SD3Pipeline:
         else:
             yield component
 
-    @property
-    def vae_scale(self) -> int:
-        return self.vae.downscale
-
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt="", *, width=None, height=None, steps=None, cfg_scale=None,
                  shift=None, sampler=None, seed=None, init_image=None, denoise=None, slg=None, progress=True,
@@ -244,7 +240,7 @@ class SD3Pipeline:
         # Each stage is a method, so the modules it loaded are released when it returns.
         guided = cfg_scale != 1.0   # at cfg 1 the unconditional pass cancels out: skip it
         cond, uncond = self._encode_text(prompts, negatives if guided else None)
-        noise = make_noise(seed, (cfg.in_channels, height // self.vae_scale, width // self.vae_scale),
+        noise = make_noise(seed, (cfg.in_channels, height // self.vae.downscale, width // self.vae.downscale),
                            batch=len(prompts)).to(self.device)
         init_latent = None
         if init_image is not None:
@@ -265,7 +261,8 @@ class SD3Pipeline:
     def _size(self, width, height, init_image):
         """The image size: given, or the init image's (rounded down to a multiple of 16), or the default."""
         cfg = self.mmdit.config
-        multiple, max_size = cfg.patch_size * self.vae_scale, cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale
+        pixels = cfg.patch_size * self.vae.downscale                  # per patch side
+        multiple, max_size = pixels, cfg.pos_embed_max_size * pixels
         if init_image is not None:
             if not hasattr(init_image, "size") or not hasattr(init_image, "convert"):
                 raise ArgumentError(f"init_image must be a PIL image, got {type(init_image).__name__}")

@@ -72,10 +72,10 @@ def euler_step(x, denoised, sigma, sigma_next):
 def dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev):
     """DPM-Solver++(2M): exact integration in log-sigma of an x0 that is linearly extrapolated from
     the last two steps. With h = log(sigma / sigma_next):  x' = (sigma_next / sigma) x - expm1(-h) x0."""
-    t, t_next = -torch.log(sigma), -torch.log(sigma_next)
-    h = t_next - t
+    lam, lam_next = -torch.log(sigma), -torch.log(sigma_next)      # lambda = -log sigma
+    h = lam_next - lam
     if old_denoised is not None and sigma_next > 0:
-        r = (t - (-torch.log(sigma_prev))) / h                      # h_last / h
+        r = (lam + torch.log(sigma_prev)) / h                        # h_last / h
         denoised = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
     if sigma_next == 0:
         return denoised

@@ -13,9 +13,8 @@ How it looks at a 32x32 image (values in [-1, 1] or a PIL image):
 It is validated against ground-truth renders in the tests (>= 98% agreement required).
 
 Known bias on *generated* images: a small square with soft edges can fill a little under 0.9 of its box and
-is then read as a circle. Measured on the shipped model (60 small squares, 60 circles per size): small
-squares fill 0.850-0.955 (6 of 60 under 0.9), circles at most 0.834. So the judge under-reports squares, and
-accuracies measured with it are conservative (chapter 14 shows the cases).
+is then read as a circle, so the judge under-reports squares and its accuracies are conservative (measured
+in benchmarks/RESULTS.md; chapter 14 shows the cases).
 """
 
 import numpy as np

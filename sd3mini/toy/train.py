@@ -36,11 +36,8 @@ from .model import ToyTextEncoder, toy_mmdit_config
 
 @dataclass
 class Recipe:
-    """Everything that defines a run (stored in its checkpoints). The defaults are the one-hour recipe:
-    56-57 minutes on one core of a 2-core CPU, enough for single objects with each seed tried (0-3;
-    benchmarks/RESULTS.md). Half the scenes stay single objects: with 90% pairs, whose captions name no
-    grid cell, seed 1 lost the grid position it had begun to learn. Two-object relations need longer: the
-    shipped model trained 25 000 steps, in three resumed stages."""
+    """Everything that defines a run (stored in its checkpoints). The defaults are the one-hour recipe on
+    one CPU core; what it and the shipped model's longer schedule learn is measured in benchmarks/RESULTS.md."""
     steps: int = 10000
     batch: int = 48                    # per rank
     lr: float = 1e-3
@@ -145,8 +142,8 @@ def data_stats(n: int = 2048, seed: int = 999) -> tuple[float, float]:
 def training_batch(r: Recipe, step: int, rank: int, scale: float, shift: float):
     """The batch of ``step`` on ``rank``: a function of (seed, rank, step) only, so resuming is exact."""
     seed = (r.seed * 1_000_003 + rank) * 10_000_019 + step
-    # A curriculum: measured here, a model fed 60% pairs from step 0 never learned grid position
-    # in 1.5k steps (cell 0.1), while single objects alone taught it in 500 (cell 0.97).
+    # A curriculum: single objects first teach grid position, which pair captions never name
+    # (benchmarks/RESULTS.md).
     p_pair = 0.0 if step < r.singles_first else r.p_pair
     images, captions, _ = data.batch(seed, r.batch, p_pair=p_pair)
     rng = random.Random(seed)
