@@ -41,6 +41,7 @@ class LazyTensor:
 
 
 def materialize(t) -> torch.Tensor:
+    """The tensor itself: a LazyTensor is read, anything else is returned as it is."""
     return t.load() if isinstance(t, LazyTensor) else t
 
 

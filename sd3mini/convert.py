@@ -1,4 +1,4 @@
-"""The diffusers layout <-> the official layout, for the MM-DiT and the VAE.
+"""The diffusers layout <-> the official layout, for the MM-DiT and the VAE, so diffusers folders load.
 
 One rule per official key gives its diffusers name(s) and how the tensor changes:
     "copy"     the same tensor under another name
@@ -6,6 +6,10 @@ One rule per official key gives its diffusers name(s) and how the tensor changes
     "swap"     (shift | scale) <-> (scale | shift): diffusers stores the final adaLN halves swapped
     "conv1x1"  a (C, C, 1, 1) convolution <-> a (C, C) linear layer (VAE attention)
 The same rules serve both directions, so reading and writing diffusers folders cannot disagree.
+
+Loading uses only the diffusers -> official direction. The writers (``*_to_diffusers``,
+``*_diffusers_config``, ``save_diffusers``) are round-trip utilities for the tests, which check
+that sd3mini reads what it writes and what diffusers itself reads.
 """
 
 import json
@@ -130,6 +134,7 @@ def _to_diffusers(sd: dict, names_of) -> dict[str, torch.Tensor]:
 
 
 def mmdit_from_diffusers(sd) -> dict:
+    """Diffusers SD3Transformer2DModel state dict -> official MM-DiT keys (lazy tensors)."""
     config = MMDiTConfig.from_state_dict(sd, _MMDIT_CONFIG_KEYS)
     return _to_official(sd, _official_shapes(MMDiT, config), lambda k: mmdit_diffusers_names(k, config.depth))
 
@@ -190,6 +195,7 @@ _VAE_CONFIG_KEYS = {
 
 
 def vae_from_diffusers(sd) -> dict:
+    """Diffusers AutoencoderKL state dict -> official (LDM) VAE keys (lazy tensors)."""
     config = VAEConfig.from_state_dict(sd, _VAE_CONFIG_KEYS)
     return _to_official(sd, _official_shapes(SDVAE, config), lambda k: vae_diffusers_names(k, len(config.ch_mult)))
 
@@ -220,10 +226,11 @@ def is_diffusers_vae(sd) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Writing a diffusers folder
+# Writing a diffusers folder (a test utility: loading never writes)
 # --------------------------------------------------------------------------------------------------
 def save_diffusers(path, mmdit=None, vae=None, clip_l=None, clip_g=None, t5=None, tokenizer=None, dtype=None):
-    """Write models in the diffusers folder layout (``transformer/``, ``vae/``, ``text_encoder*/``, ...)."""
+    """Write models in the diffusers folder layout (``transformer/``, ``vae/``, ``text_encoder*/``, ...),
+    so tests can load them back with sd3mini and with diffusers."""
     path = Path(path)
     cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)  # noqa: E731
 

@@ -41,13 +41,14 @@ def _most_common_float_dtype(sd: dict):
 
 def build(make, sd: dict, *, what: str, device=None, dtype=None, keep_fp32=(), all_keys=None,
           meta: bool = True) -> torch.nn.Module:
-    """Build ``make()`` on the meta device and fill it from ``sd`` one tensor at a time.
+    """Build ``make()`` on the meta device and fill it from ``sd`` one tensor at a time, so the host
+    never holds the model twice.
 
     ``dtype=None`` keeps the checkpoint's dtype. ``keep_fp32``: key substrings kept in float32
     whatever ``dtype`` is (T5's ``wo``, which overflows float16). Missing keys and shape mismatches
     raise a CheckpointError that says what the file looks like; unknown keys get one warning.
-    ``meta=False`` builds on the CPU instead: for models of a few MB that is faster, because on the
-    meta device torch's initializers import ``torch._dynamo`` (~0.9 s of start-up).
+    ``meta=False`` builds on the CPU instead, which starts faster for models of a few MB (the meta
+    device's initializers import ``torch._dynamo``; timings in benchmarks/RESULTS.md).
     """
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = make()
@@ -100,6 +101,7 @@ def mmdit_state_dict(sd: dict) -> dict:
 
 
 def vae_state_dict(sd: dict) -> dict:
+    """The VAE part of any supported layout, under official names without prefix."""
     if any(k.startswith(VAE_PREFIX + "encoder.") for k in sd):
         return _select(sd, VAE_PREFIX)
     if "encoder.down.0.block.0.conv1.weight" in sd:

@@ -23,6 +23,8 @@ from .checkpoint import num_blocks, prefix_of
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MMDiTConfig:
+    """The shape of an MM-DiT, read off a checkpoint by ``from_state_dict``; sd3_medium() etc. are the official ones."""
+
     depth: int = 24                   # number of joint blocks
     hidden_size: int = 1536           # D; 64 * depth in every official model
     num_heads: int = 24               # nh; = depth in every official model, so head_dim = 64
@@ -256,6 +258,8 @@ def modulate(x, shift, scale):
 
 
 class Mlp(nn.Module):
+    """fc1 -> tanh-approximated GELU -> fc2, the transformer's feed-forward (names as in the checkpoints)."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -337,6 +341,8 @@ def block_mixing(context, x, context_block: DismantledBlock, x_block: Dismantled
 
 
 class JointBlock(nn.Module):
+    """One MM-DiT layer: a context stream and an image stream that share one attention (``block_mixing``)."""
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool,
                  pre_only: bool = False, dual_attention: bool = False):
         super().__init__()

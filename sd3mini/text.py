@@ -60,6 +60,7 @@ class CLIPTextEncoder(nn.Module):
 
     @staticmethod
     def config_from_state_dict(sd, kind: str, num_heads: int | None = None):
+        """The ``CLIPTextConfig`` of a CLIP state dict (Hugging Face names), from its shapes and ``kind``."""
         from transformers import CLIPTextConfig
 
         vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
@@ -99,6 +100,7 @@ class T5TextEncoder(nn.Module):
 
     @staticmethod
     def config_from_state_dict(sd, num_heads: int | None = None):
+        """The ``T5Config`` of a T5 encoder state dict (Hugging Face names), from its shapes."""
         from transformers import T5Config
 
         emb = sd["shared.weight"] if "shared.weight" in sd else sd["encoder.embed_tokens.weight"]

@@ -20,6 +20,8 @@ from .checkpoint import num_blocks, prefix_of
 
 @dataclass(frozen=True)
 class VAEConfig:
+    """The shape of the VAE; ``VAEConfig()`` is SD3's, ``from_state_dict`` reads it off a checkpoint."""
+
     ch: int = 128                        # channels at full resolution
     ch_mult: tuple[int, ...] = (1, 2, 4, 4)   # channel multiplier per level; len - 1 downsamplings
     num_res_blocks: int = 2
@@ -52,6 +54,7 @@ CONFIG_KEYS = {
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, the LDM VAE's only normalization."""
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -134,6 +137,8 @@ class Level(nn.Module):
 
 
 class Mid(nn.Module):
+    """The lowest resolution: ResnetBlock -> AttnBlock -> ResnetBlock."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels)
