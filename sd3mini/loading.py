@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, num_blocks, state_dict_of
+from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, state_dict_of
 from .convert import is_diffusers_mmdit, is_diffusers_vae, mmdit_from_diffusers, vae_from_diffusers
 from .mmdit import MMDiT, MMDiTConfig
-from .text import CLIPTextEncoder, T5TextEncoder
+from .text import CLIP_SHAPES, CLIPTextEncoder, T5TextEncoder, clip_shape
 from .vae import SDVAE, VAEConfig
 
 MMDIT_PREFIX = "model.diffusion_model."
@@ -133,20 +133,6 @@ def text_encoder_state_dict(sd: dict, kind: str) -> dict:
             w = sd["text_model.embeddings.token_embedding.weight"].shape[1]
             sd = {**sd, "text_projection.weight": LazyTensor((w, w), torch.float32, lambda: torch.eye(w))}
     return sd
-
-
-# SD3's two CLIPs, told apart by their weights (the activation, quick_gelu vs gelu, is not in the file).
-CLIP_SHAPES = {"clip_l": dict(name="CLIP-L", width=768, layers=12), "clip_g": dict(name="CLIP-G", width=1280, layers=32)}
-
-
-def clip_shape(sd: dict) -> dict:
-    """Width, layers and projection of a CLIP text encoder (Hugging Face names), and the kind they are
-    (clip_l or clip_g) when the width is one of the official two; kind None for other sizes."""
-    width = sd["text_model.embeddings.token_embedding.weight"].shape[1]
-    layers = num_blocks(sd, "text_model.encoder.layers.")
-    projection = sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else width
-    kind = next((k for k, v in CLIP_SHAPES.items() if v["width"] == width), None)
-    return dict(kind=kind, width=width, layers=layers, projection=projection)
 
 
 def _clip_words(shape: dict) -> str:

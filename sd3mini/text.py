@@ -34,6 +34,20 @@ T5_MAX_CHARS = 226        # ... instead the prompt text is cut to 226 characters
 # --------------------------------------------------------------------------------------------------
 # Encoders
 # --------------------------------------------------------------------------------------------------
+# SD3's two CLIPs, told apart by their weights (the activation, quick_gelu vs gelu, is not in the file).
+CLIP_SHAPES = {"clip_l": dict(name="CLIP-L", width=768, layers=12), "clip_g": dict(name="CLIP-G", width=1280, layers=32)}
+
+
+def clip_shape(sd: dict) -> dict:
+    """Width, layers and projection of a CLIP text encoder (Hugging Face names), and the kind they are
+    (clip_l or clip_g) when the width is one of the official two; kind None for other sizes."""
+    width = sd["text_model.embeddings.token_embedding.weight"].shape[1]
+    layers = num_blocks(sd, "text_model.encoder.layers.")
+    projection = sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else width
+    kind = next((k for k, v in CLIP_SHAPES.items() if v["width"] == width), None)
+    return dict(kind=kind, width=width, layers=layers, projection=projection)
+
+
 class CLIPTextEncoder(nn.Module):
     """tokens (B, 77) -> (hidden (B, 77, W) from the penultimate layer, pooled (B, W or proj)).
 
@@ -63,11 +77,11 @@ class CLIPTextEncoder(nn.Module):
         """The ``CLIPTextConfig`` of a CLIP state dict (Hugging Face names), from its shapes and ``kind``."""
         from transformers import CLIPTextConfig
 
-        vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
-        layers = num_blocks(sd, "text_model.encoder.layers.")
-        proj = sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else width
+        shape = clip_shape(sd)
+        width = shape["width"]
         return CLIPTextConfig(
-            vocab_size=vocab, hidden_size=width, projection_dim=proj, num_hidden_layers=layers,
+            vocab_size=sd["text_model.embeddings.token_embedding.weight"].shape[0], hidden_size=width,
+            projection_dim=shape["projection"], num_hidden_layers=shape["layers"],
             intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
             num_attention_heads=num_heads or max(1, width // 64),
             max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],

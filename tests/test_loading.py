@@ -270,3 +270,33 @@ def test_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
     from sd3mini.checkpoint import open_state_dict
 
     assert len(open_state_dict(path)) == n
+
+
+def test_num_blocks_counts_the_largest_index():
+    from sd3mini.checkpoint import num_blocks
+
+    keys = {"joint_blocks.0.a": 0, "joint_blocks.11.b": 0, "joint_blocks.2.c": 0, "x_embedder.proj.weight": 0}
+    assert num_blocks(keys, "joint_blocks.") == 12
+    assert num_blocks(keys, "model.diffusion_model.joint_blocks.") == 0
+    assert num_blocks({"a.b.3.x": 0}, "a.b.") == 4   # the prefix is literal: "a.b." is not "aXb."
+    assert num_blocks({"aXb.3.x": 0}, "a.b.") == 0
+
+
+@pytest.mark.parametrize("preset", ["sd3_medium", "sd3_5_large", "sd3_5_medium"])
+def test_config_inference_reads_both_layouts(preset):
+    """One rule per config field: the official keys and the diffusers keys give the same config."""
+    from sd3mini import convert
+
+    config = getattr(sd3mini.MMDiTConfig, preset)()
+    with torch.device("meta"):
+        sd, vae_sd = sd3mini.MMDiT(config).state_dict(), sd3mini.SDVAE().state_dict()
+    assert sd3mini.MMDiTConfig.from_state_dict(sd) == config
+    assert sd3mini.MMDiTConfig.from_state_dict({"model.diffusion_model." + k: v for k, v in sd.items()}) == config
+    diffusers_sd = convert.mmdit_to_diffusers(sd, config)
+    assert sd3mini.MMDiTConfig.from_state_dict(diffusers_sd, convert._MMDIT_CONFIG_KEYS) == config
+    assert convert.mmdit_from_diffusers(diffusers_sd).keys() == sd.keys()
+    assert sd3mini.VAEConfig.from_state_dict({"first_stage_model." + k: v for k, v in vae_sd.items()}) == sd3mini.VAEConfig()
+    diffusers_vae = convert.vae_to_diffusers(vae_sd, sd3mini.VAEConfig())
+    assert sd3mini.VAEConfig.from_state_dict(diffusers_vae, convert._VAE_CONFIG_KEYS) == sd3mini.VAEConfig()
+    with pytest.raises(KeyError, match="not an MMDiT state dict: 'x_embedder.proj.weight' is missing"):
+        sd3mini.MMDiTConfig.from_state_dict(vae_sd)
