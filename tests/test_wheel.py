@@ -4,6 +4,7 @@ Chapter 0 runs whole and chapter 14's cells that read the measured results run, 
 checkout on the path: the tiny model and the results must come from the installed package.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -36,7 +37,9 @@ def code_cells(notebook: str, keep=lambda index, sources: True) -> str:
 def installed(tmp_path_factory):
     """A venv with the wheel of this checkout installed; its dependencies come from the test's own env."""
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+    # Python 3.12+ venvs have no setuptools: then pip builds in its own isolated environment.
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation,
                     "-w", str(tmp / "dist"), str(ROOT)], check=True, cwd=tmp)
     wheel = next((tmp / "dist").glob("sd3mini-*.whl"))
     venv.create(tmp / "venv", with_pip=True)
