@@ -104,7 +104,9 @@ def load_pipeline(args):
         raise ArgumentError(f"--ckpt {ckpt} is a train-toy training state (model, EMA and optimizer); generate "
                             f"from the weights it exported: --ckpt {ckpt.parent / 'toy_sd3.safetensors'}")
     kwargs = dict(device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload, no_t5=args.no_t5)
-    if ckpt.is_dir() or (not ckpt.exists() and args.ckpt not in HUB_MODELS and looks_like_repo(args.ckpt)):
+    # owner/name is a Hub repository unless a folder "owner" is here: then it is a mistyped local path
+    hub_id = not ckpt.exists() and not ckpt.parent.is_dir() and looks_like_repo(args.ckpt)
+    if ckpt.is_dir() or (args.ckpt not in HUB_MODELS and hub_id):
         return SD3Pipeline.from_pretrained(args.ckpt, **kwargs)
     return SD3Pipeline.from_single_file(args.ckpt, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
                                         tokenizer=args.tokenizer, **kwargs)

@@ -121,7 +121,8 @@ def check_sampling(*, steps, shift, cfg_scale, sampler, denoise=1.0):
     check_int("steps", steps, minimum=1)
     check_number("shift", shift, above=0)
     check_number("cfg_scale", cfg_scale, minimum=0)
-    if isinstance(denoise, bool) or not isinstance(denoise, (int, float)) or not 0 < denoise <= 1:
+    check_number("denoise", denoise)                    # a finite real number (numpy's included)
+    if not 0 < denoise <= 1:
         raise ArgumentError(f"denoise must be in (0, 1], got {denoise!r}")
     if sampler not in SAMPLERS:
         raise ArgumentError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")

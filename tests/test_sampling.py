@@ -79,3 +79,12 @@ def test_progress_bar(case, capsys):
     sd3mini.sample(case["model"], case["noise"], case["cond"], case["uncond"], steps=3, shift=3.0, cfg_scale=5.0,
                    progress=True)
     assert "3/3" in capsys.readouterr().err
+
+
+def test_denoise_takes_any_real_number(case):
+    """numpy floats pass as they do for cfg_scale and shift (a bare isinstance(float) check refused them)."""
+    np = pytest.importorskip("numpy")
+    args = dict(steps=2, shift=3.0, cfg_scale=5.0, progress=False, init_latent=torch.zeros_like(case["noise"]))
+    a = sd3mini.sample(case["model"], case["noise"], case["cond"], case["uncond"], denoise=np.float32(0.5), **args)
+    b = sd3mini.sample(case["model"], case["noise"], case["cond"], case["uncond"], denoise=0.5, **args)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

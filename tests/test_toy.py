@@ -389,3 +389,21 @@ def test_train_step_is_the_loop_of_train(tmp_path):
              if k.startswith("ema.")}
     for k, v in ema.state_dict().items():
         torch.testing.assert_close(saved[k], v, rtol=0, atol=0)
+
+
+def test_a_damaged_log_row_does_not_block_resume(tmp_path):
+    """A row cut short by a crash is dropped with the rows after the saved step, not a JSONDecodeError."""
+    from sd3mini.toy.train import trim_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
+    trim_log(log, 2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_minutes_stop_after_the_step_on_every_rank(tmp_path):
+    """--minutes is decided with the signals (one all_reduce under DDP), after a step: a run whose time is
+    up stops at once, saved and not interrupted."""
+    result = train(Recipe(**TINY), tmp_path / "run", minutes=1e-9, progress=False)
+    assert result["steps"] == 1 and result["interrupted"] is None
+    assert (tmp_path / "run" / "last.safetensors").exists()

@@ -260,11 +260,19 @@ def check_out(out: Path, r: Recipe, resume: bool, force: bool) -> list[str]:
     return []
 
 
+def _log_step(line: str) -> float:
+    """The step of a log row; a blank or damaged row (a write cut short) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def trim_log(path: Path, step: int):
     """Keep the log rows up to ``step`` (the saved one): rows written after the last save are redone."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rows = [line for line in path.read_text().splitlines() if _log_step(line) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(row + "\n" for row in rows))
     os.replace(tmp, path)
@@ -293,9 +301,10 @@ class StopOnSignal:
         self.received = signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def requested(self, world: int, device) -> bool:
-        """Whether to stop now; under DDP, every rank stops at the same step when any rank got a signal."""
-        stop = self.received is not None
+    def requested(self, world: int, device, time_up: bool = False) -> bool:
+        """Whether to stop now (a signal, or ``time_up``); under DDP every rank stops at the same step when
+        any rank asks, so none is left waiting in a collective."""
+        stop = self.received is not None or time_up
         if world > 1:
             flag = torch.tensor([float(stop)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -447,13 +456,13 @@ def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: b
     run = _start_run(r, Path(out), resume=resume, force=force, eval_size=eval_size)
     bar = tqdm(total=r.steps, initial=run.step, disable=not progress or run.rank != 0, desc="train-toy")
     with StopOnSignal() as stop:
-        while run.step < r.steps and not (minutes and run.minutes() >= minutes):
+        while run.step < r.steps:
             loss = train_step(run.model, run.ema, run.opt, r, run.step, run.batch(), run.forward).item()
             run.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             _log(run, loss, eval_every)
-            if stop.requested(run.world, run.device):
+            if stop.requested(run.world, run.device, time_up=bool(minutes) and run.minutes() >= minutes):
                 break
             if run.step % save_every == 0 and run.step < r.steps:
                 _save(run)
