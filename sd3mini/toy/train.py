@@ -423,7 +423,7 @@ def _save(run: Run, **extra):
 
 def _finish(run: Run):
     """Save, close the log; under DDP, check that every rank ended with the same weights."""
-    _save(run, minutes=round((time.time() - run.start) / 60, 2))
+    _save(run, minutes=round(run.minutes(), 2))
     if run.log is not None:
         run.log.close()
     if run.world == 1:
