@@ -2,7 +2,9 @@
 
     python experiments/toy_report.py eval                    # the shipped model on the 300 fixed captions
     python experiments/toy_report.py eval --ckpt runs/x/toy_sd3.safetensors --cfg 1 1.5 2 3 4 6
-    python experiments/toy_report.py log runs/posA:0 runs/pairs90:5000 runs/ship25:15000   # the shipped run's curve
+    python experiments/toy_report.py pairs                   # 100 new pair captions (another seed), as the CLI draws
+    python experiments/toy_report.py log runs/shipped        # the shipped run's curve
+    python experiments/toy_report.py log runs/posA:0 runs/pairs90:5000 runs/ship25:15000 --out ...  # a staged run
     python experiments/toy_report.py log runs/posA --out sd3mini/toy/results/toy_run_half_pairs.json
     python experiments/toy_report.py ablation runs/ab_logit_normal runs/ab_uniform runs/ab_cosmap --steps 2000
     python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out sd3mini/toy/results/toy_shift.json
@@ -14,7 +16,7 @@ The runs they read (constant learning rate, single objects; S = logit_normal, un
     python -m sd3mini train-toy --t-sampler S --p-pair 0 --steps 2000 --cooldown 0 --cfg-scale 4 --eval-every 500 --out runs/ab_S
     python -m sd3mini train-toy --t-shift 1 --p-pair 0 --steps 2000 --cooldown 0 --cfg-scale 4 --eval-every 500 --out runs/ab_logit_normal_shift1
     python -m sd3mini train-toy --eval-every 1000 --seed N --out runs/p50_seedN   # the one-hour recipe, seeds 0-3
-    python experiments/train_shipped.py --eval-every 1000 --out runs/shipped      # the shipped run, three stages
+    torchrun --nproc_per_node=2 -m sd3mini train-toy --recipe shipped --eval-every 1000 --out runs/shipped
 
 Evaluation protocol: ``sd3mini.toy.data.eval_captions()`` (150 fully specified single objects, 150 related
 pairs, held-out colour-shape pairs included), caption i drawn from noise seed i, the model's default
@@ -24,6 +26,7 @@ sampler (Euler, 20 steps, shift 3) with its default CFG and without CFG, judged 
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -97,6 +100,38 @@ def word_order(ckpt) -> dict:
             "both_colours": both, "arranged": arranged, "both_shapes": shapes}
 
 
+def fresh_pairs(ckpt=None, n: int = 100, seed: int = 20261202) -> dict:
+    """``n`` new pair captions (drawn with ``seed``, none of them in the evaluation set; every colour-shape
+    combination, held-out ones included), as the CLI would draw them: caption i from noise seed 10 000 + i,
+    the model's default sampler. Judged twice: fully specified, and with the size words left out."""
+    from sd3mini.toy.train import generate
+
+    pipe = toy_pipeline(ckpt)
+    rng, known, scenes = random.Random(seed), set(data.eval_captions()), []
+    while len(scenes) < n:
+        scene = data.random_scene(rng, p_pair=1.0, holdout=False)
+        if data.caption(scene) not in known:
+            scenes.append(scene)
+    a, b = zip(*(sc.objects for sc in scenes))
+    phrasings = {"full": [data.caption(sc) for sc in scenes],
+                 "no_sizes": [f"{data.describe(x, False, True)} {sc.relation} {data.describe(y, False, True)}"
+                              for x, y, sc in zip(a, b, scenes)]}
+    report = {"checkpoint": portable(str(ckpt)) if ckpt else shipped_path().name, "pairs": n, "caption_seed": seed,
+              "noise_seeds": [10_000, 10_000 + n - 1], "sampler": dict(pipe.defaults), "command": command()}
+    for name, captions in phrasings.items():
+        images = generate(pipe, captions, seed=10_000)
+        results = [judge(im, c) for im, c in zip(images, captions)]
+        parts = [pair_parts(im, c) for im, c in zip(images, captions)]
+        held = [data.uses_held_out(c) for c in captions]
+        report[name] = {"seen": summarize([r for r, h in zip(results, held) if not h]),
+                        "held_out": summarize([r for r, h in zip(results, held) if h]),
+                        "both_colours": sum(p["colours"] for p in parts),
+                        "arranged": sum(bool(p["arranged"]) for p in parts),
+                        "both_shapes": sum(bool(p["shapes"]) for p in parts),
+                        "examples": captions[:3]}
+    return report
+
+
 CELL_CAPTIONS = ("a large red circle in the top left", "a small blue square in the top",
                  "a large yellow triangle in the top right", "a small green square in the left",
                  "a large purple circle in the center", "a small orange triangle in the right",
@@ -141,7 +176,8 @@ def stitched(stages: list[tuple[Path, int]]) -> dict:
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), "the stages leave a gap in the log"
     loss = [r["loss"] for r in rows]
     every = 50
-    return {"recipe": recipes[-1]["recipe"], "stages": recipes, "steps_trained": rows[-1]["step"],
+    return {"recipe": recipes[-1]["recipe"], "stages": recipes, "world": meta.get("world", 1),
+            "steps_trained": rows[-1]["step"],
             "minutes": rows[-1]["minutes"],
             "loss_steps": list(range(every, len(loss) + 1, every)),
             "loss": [round(float(np.mean(loss[i - every: i])), 5) for i in range(every, len(loss) + 1, every)],
@@ -164,6 +200,11 @@ def main(argv=None):
     ab.add_argument("--steps", type=int, required=True, help="the equal budget: compare every arm at this step")
     ab.add_argument("--out", default=str(OUT / "toy_ablation.json"))
     ab.add_argument("--no-final", action="store_true", help="only the training-log evals, no 300-caption eval")
+    fp = sub.add_parser("pairs", help="new pair captions drawn with another seed, judged as the CLI draws them")
+    fp.add_argument("--ckpt")
+    fp.add_argument("--n", type=int, default=100)
+    fp.add_argument("--seed", type=int, default=20261202)
+    fp.add_argument("--out", default=str(OUT / "toy_fresh_pairs.json"))
     od = sub.add_parser("order", help="word order in the text encoder and in the images, per checkpoint")
     od.add_argument("ckpts", nargs="+")
     od.add_argument("--out", default=str(OUT / "toy_word_order.json"))
@@ -180,6 +221,8 @@ def main(argv=None):
     elif args.what == "log":
         stages = [(Path(a.split(":")[0]), int(a.split(":")[1]) if ":" in a else 0) for a in args.runs]
         result = stitched(stages) | {"command": command()}
+    elif args.what == "pairs":
+        result = fresh_pairs(args.ckpt, args.n, args.seed)
     elif args.what == "order":
         result = {"models": [word_order(c) for c in args.ckpts], "command": command()}
     elif args.what == "samples":

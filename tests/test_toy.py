@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import sd3mini
+from sd3mini.checkpoint import file_metadata, open_state_dict
 from sd3mini.toy import data
 from sd3mini.toy.judge import find_objects, judge, pair_parts, score
 from sd3mini.toy.model import VOCAB, ToyTextEncoder, load_toy, same_word_cosines, shipped_path, toy_pipeline
 from sd3mini.toy.train import Recipe, learning_rate, load_training_state, train, training_batch
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))    # toy_report, train_shipped
+sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))    # toy_report
 TINY = dict(steps=4, batch=6, width=64, depth=2, text_width=64, text_layers=1, warmup=2, cooldown=0)
 
 
@@ -124,7 +125,6 @@ def test_training_resumes_exactly(tmp_path):
     train(r, tmp_path / "once", progress=False)
     train(Recipe(**TINY | {"steps": 2}), tmp_path / "twice", progress=False)
     train(r, tmp_path / "twice", resume=True, progress=False)
-    from sd3mini.checkpoint import open_state_dict
 
     once = open_state_dict(tmp_path / "once" / "last.safetensors")
     twice = open_state_dict(tmp_path / "twice" / "last.safetensors")
@@ -153,23 +153,32 @@ def test_a_run_resumed_in_stages_gives_one_curve(tmp_path):
         stitched([(tmp_path / "a", 0), (tmp_path / "b", 5)])   # step 5 left to a, whose log ends at 4
 
 
-def test_the_shipped_schedule_in_one_command(tmp_path):
-    """``experiments/train_shipped.py`` runs the shipped model's three stages; ``--divide 1000`` rehearses
-    the schedule (steps 5, 15, 25) on a tiny model. Run again, it trains nothing more."""
-    from toy_report import stitched
-    from train_shipped import main as train_shipped
+def test_recipe_presets(tmp_path):
+    """``--recipe NAME`` makes a preset's values the defaults; options given on the command line win."""
+    from sd3mini.toy.train import PRESETS, main
 
-    tiny = ["--batch", "6", "--width", "64", "--depth", "2", "--text-width", "64", "--text-layers", "1"]
-    train_shipped(["--out", str(tmp_path), "--divide", "1000"] + tiny)
-    curve = stitched([(tmp_path / "stage1", 0), (tmp_path / "stage2", 5), (tmp_path / "stage3", 15)])
-    assert curve["steps_trained"] == 25
-    assert [(s["recipe"]["p_pair"], s["recipe"]["lr"], s["recipe"]["steps"], s["recipe"]["cooldown"])
-            for s in curve["stages"]] == [(0.5, 1e-3, 5, 0), (0.9, 1e-3, 15, 5), (0.9, 5e-4, 25, 5)]
-    pipe = toy_pipeline(tmp_path / "toy_sd3.safetensors")
-    assert pipe.defaults["cfg_scale"] == 3.0
-    log_lines = (tmp_path / "stage3" / "train_log.jsonl").read_text().count("\n")
-    train_shipped(["--out", str(tmp_path), "--divide", "1000"] + tiny)
-    assert (tmp_path / "stage3" / "train_log.jsonl").read_text().count("\n") == log_lines
+    main(["--recipe", "shipped", "--out", str(tmp_path)] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()])
+    stored = json.loads(file_metadata(tmp_path / "toy_sd3.safetensors")["sd3mini_toy"])["recipe"]
+    assert stored == asdict(Recipe(**PRESETS["shipped"][0] | TINY))
+    assert stored["p_pair"] == 0.9 and stored["cfg_scale"] == 3.0                  # from the preset
+    assert PRESETS["one-hour"] == ({}, 1)                                            # the defaults themselves
+
+
+def test_fresh_pair_captions():
+    """``toy_report.py pairs``: new pair captions (none of them in the evaluation set), each judged fully
+    specified and with its size words left out."""
+    from toy_report import fresh_pairs
+
+    report = fresh_pairs(n=3, seed=5)
+    assert report["pairs"] == 3
+    for phrasing in ("full", "no_sizes"):
+        r = report[phrasing]
+        assert r["seen"]["n"] + r["held_out"]["n"] == 3 and len(r["examples"]) == 3
+        assert not set(r["examples"]) & set(data.eval_captions())
+        assert all(data.parse_caption(c)["relation"] for c in r["examples"])
+    assert not any(w in data.SIZES for c in report["no_sizes"]["examples"] for w in c.split())
+    assert [data.parse_caption(c)["objects"][0]["colour"] for c in report["full"]["examples"]] == [
+        data.parse_caption(c)["objects"][0]["colour"] for c in report["no_sizes"]["examples"]]
 
 
 def test_sample_rows_for_the_chapter(tmp_path):
@@ -213,17 +222,23 @@ def test_learning_rate_schedule():
 
 
 def test_ddp_two_cpu_ranks(tmp_path):
-    """torchrun with 2 gloo ranks: they train on different batches and end with identical weights."""
+    """torchrun with 2 gloo ranks: they train on different batches and end with identical weights, and
+    the same command run again gives the same weights bit for bit (the shipped recipe is reproducible)."""
     args = [f"--{k.replace('_', '-')}={v}" for k, v in (TINY | {"steps": 3}).items()]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613",
-           "-m", "sd3mini", "train-toy", *args, "--out", str(tmp_path), "--threads", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "ranks agree: weights identical across 2 ranks" in done.stdout
-    from sd3mini.checkpoint import file_metadata
-
-    assert '"world": 2' in file_metadata(tmp_path / "last.safetensors")["sd3mini_train"]
+    weights = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613",
+               "-m", "sd3mini", "train-toy", "--recipe", "shipped", *args, "--out", str(out), "--threads", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                              cwd=Path(__file__).parents[1])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "ranks agree: weights identical across 2 ranks" in done.stdout
+        assert "measured with" not in done.stdout + done.stderr              # 2 ranks, as the preset
+        assert '"world": 2' in file_metadata(out / "last.safetensors")["sd3mini_train"]
+        weights.append({k: v.load() for k, v in open_state_dict(out / "toy_sd3.safetensors").items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 # --- the shipped model ----------------------------------------------------------------------------
@@ -295,8 +310,6 @@ def test_sigterm_saves_and_the_resumed_run_is_exact(tmp_path):
     it ends with the weights of a run that was never interrupted, and its log has each step once."""
     import signal
     import time
-
-    from sd3mini.checkpoint import open_state_dict
 
     args = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items()]
     env = os.environ | {"OMP_NUM_THREADS": "1"}

@@ -61,6 +61,19 @@ class Recipe:
     seed: int = 0
 
 
+# Named recipes for ``--recipe``: the fields that differ from ``Recipe()``, and the number of ranks each
+# was measured with (``batch`` is per rank, so another number of ranks is another recipe).
+PRESETS = {
+    # The default: one hour on one core. It learns single objects and both colours of a pair, not
+    # relations (benchmarks/RESULTS.md).
+    "one-hour": ({}, 1),
+    # The shipped model: 11 500 steps of 2 x 48 captions, 90% pairs after 1 000 steps of single objects,
+    # the learning rate cooled to 0 over the second half; about 85 minutes on 2 CPU cores under
+    # ``torchrun --nproc_per_node=2``. Relations appear only in the cool-down (chapter 15).
+    "shipped": ({"steps": 11500, "cooldown": 6000, "p_pair": 0.9, "singles_first": 1000, "cfg_scale": 3.0}, 2),
+}
+
+
 def recipe_from(stored: dict) -> Recipe:
     """A recipe stored in a checkpoint. Runs before 2026-12 also stored ``text_pool``, always "eos", the
     only pooling left."""
@@ -486,6 +499,9 @@ def main(argv=None):
         kind = type(value)
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
                        choices=TIMESTEP_SAMPLERS if name == "t_sampler" else None)
+    p.add_argument("--recipe", default="one-hour", choices=PRESETS,
+                   help="a named recipe whose values become the defaults of the options above (default: "
+                        "one-hour); 'shipped' is the shipped model, trained under torchrun --nproc_per_node=2")
     p.add_argument("--out", default="runs/toy", help="folder for checkpoints and the log")
     p.add_argument("--minutes", type=float, help="stop after this much wall time")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors (the same recipe; "
@@ -497,7 +513,14 @@ def main(argv=None):
                                                                 "1000; also at the end and on SIGINT / SIGTERM)")
     p.add_argument("--eval-every", type=int, default=0, help="judge the EMA model every N steps")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    preset, ranks = PRESETS[p.parse_known_args(argv)[0].recipe]
+    p.set_defaults(**preset)                               # the preset's values; options given still win
     args = p.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world != ranks and int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(f"note: --recipe {args.recipe} was measured with {ranks} rank(s), this run has {world}: "
+                   f"the batch is per rank, so it trains on {world * args.batch} captions a step, not "
+                   f"{ranks * args.batch}")
     if args.threads is not None:
         torch.set_num_threads(check_int("--threads", args.threads, minimum=1))
     r = Recipe(**{k: getattr(args, k) for k in asdict(Recipe())})
