@@ -9,6 +9,7 @@
     python experiments/toy_report.py ablation runs/ab_logit_normal runs/ab_uniform runs/ab_cosmap --steps 2000
     python experiments/toy_report.py ablation runs/ln runs/s3 --steps 7000 --no-final --out sd3mini/toy/results/toy_shift.json
     python experiments/toy_report.py latent runs/latent:runs/ab_logit_normal_shift1 runs/latent_s3:runs/ab_logit_normal
+    python experiments/toy_report.py trace runs/three_stage_toy_sd3.safetensors sd3mini/assets/toy_sd3.safetensors
     python experiments/toy_report.py order runs/old/toy_sd3.safetensors runs/ship/toy_sd3.safetensors   # word order
     python experiments/toy_report.py samples runs/a/toy_sd3.safetensors runs/b/toy_sd3.safetensors   # one row each
 
@@ -132,6 +133,36 @@ def fresh_pairs(ckpt=None, n: int = 100, seed: int = 20261202) -> dict:
     return report
 
 
+def swap_shapes(caption: str) -> str:
+    """A pair caption with its two shape words exchanged."""
+    words = caption.split()
+    first = next(i for i, w in enumerate(words) if w in data.SHAPES)
+    words[first], words[-1] = words[-1], words[first]
+    return " ".join(words)
+
+
+def shape_trace(ckpts: list[str]) -> dict:
+    """Does a pair fail where the text encoder carries little of each object's shape? Per checkpoint, for
+    every evaluation pair caption whose two shapes differ: the trace of the shapes in the fainter colour
+    word (1 - cosine of its state when the two shape words swap), and whether the image (seed 0, the
+    model's default sampler) has both shapes right (``judge.pair_parts``)."""
+    captions = [c for c in data.eval_captions()[150:]
+                if len({o["shape"] for o in data.parse_caption(c)["objects"]}) == 2]
+    models = []
+    for ckpt in ckpts:
+        pipe = toy_pipeline(ckpt)
+        traces = []
+        for c in captions:
+            c1, c2 = (o["colour"] for o in data.parse_caption(c)["objects"])
+            cos = same_word_cosines(pipe.text_encoder, (c, swap_shapes(c)), words=(c1, c2))
+            traces.append(round(1 - max(cos[c1], cos[c2]), 4))
+        images = pipe(captions, seed=0, progress=False)
+        models.append({"checkpoint": portable(ckpt), "sampler": dict(pipe.defaults),
+                       "steps_trained": json.loads(file_metadata(ckpt)["sd3mini_toy"]).get("steps_trained"),
+                       "trace": traces, "shapes_right": [bool(pair_parts(im, c)["shapes"]) for im, c in zip(images, captions)]})
+    return {"captions": captions, "models": models}
+
+
 CELL_CAPTIONS = ("a large red circle in the top left", "a small blue square in the top",
                  "a large yellow triangle in the top right", "a small green square in the left",
                  "a large purple circle in the center", "a small orange triangle in the right",
@@ -205,6 +236,9 @@ def main(argv=None):
     fp.add_argument("--n", type=int, default=100)
     fp.add_argument("--seed", type=int, default=20261202)
     fp.add_argument("--out", default=str(OUT / "toy_fresh_pairs.json"))
+    tr = sub.add_parser("trace", help="the shapes' trace in the colour words, against both shapes drawn right")
+    tr.add_argument("ckpts", nargs="+")
+    tr.add_argument("--out", default=str(OUT / "toy_shape_trace.json"))
     od = sub.add_parser("order", help="word order in the text encoder and in the images, per checkpoint")
     od.add_argument("ckpts", nargs="+")
     od.add_argument("--out", default=str(OUT / "toy_word_order.json"))
@@ -223,6 +257,8 @@ def main(argv=None):
         result = stitched(stages) | {"command": command()}
     elif args.what == "pairs":
         result = fresh_pairs(args.ckpt, args.n, args.seed)
+    elif args.what == "trace":
+        result = shape_trace(args.ckpts) | {"command": command()}
     elif args.what == "order":
         result = {"models": [word_order(c) for c in args.ckpts], "command": command()}
     elif args.what == "samples":
