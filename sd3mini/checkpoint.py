@@ -184,6 +184,9 @@ def save_state_dict(sd: dict[str, torch.Tensor], path, metadata: dict | None = N
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        umask = os.umask(0)                 # safetensors creates its file 0600; give it the usual mode
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -424,6 +424,9 @@ def test_checkpoints_are_written_whole(tmp_path, monkeypatch):
 
     path = tmp_path / "toy_sd3.safetensors"
     ckpt.save_state_dict({"a": torch.zeros(2)}, path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask          # not safetensors' own 0600
 
     def crash(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")
