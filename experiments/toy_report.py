@@ -111,7 +111,8 @@ def fresh_pairs(ckpt=None, n: int = 100, seed: int = 20261202) -> dict:
     rng, known, scenes = random.Random(seed), set(data.eval_captions()), []
     while len(scenes) < n:
         scene = data.random_scene(rng, p_pair=1.0, holdout=False)
-        if data.caption(scene) not in known:
+        if data.caption(scene) not in known:                  # new, and drawn once
+            known.add(data.caption(scene))
             scenes.append(scene)
     a, b = zip(*(sc.objects for sc in scenes))
     phrasings = {"full": [data.caption(sc) for sc in scenes],
@@ -145,7 +146,8 @@ def shape_trace(ckpts: list[str]) -> dict:
     """Does a pair fail where the text encoder carries little of each object's shape? Per checkpoint, for
     every evaluation pair caption whose two shapes differ: the trace of the shapes in the fainter colour
     word (1 - cosine of its state when the two shape words swap), and whether the image (seed 0, the
-    model's default sampler) has both shapes right (``judge.pair_parts``)."""
+    model's default sampler) has both shapes right (``judge.pair_parts``; a colour not drawn counts as a
+    wrong shape)."""
     captions = [c for c in data.eval_captions()[150:]
                 if len({o["shape"] for o in data.parse_caption(c)["objects"]}) == 2]
     models = []

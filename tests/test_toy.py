@@ -236,12 +236,17 @@ def test_learning_rate_schedule():
 def test_ddp_two_cpu_ranks(tmp_path):
     """torchrun with 2 gloo ranks: they train on different batches and end with identical weights, and
     the same command run again gives the same weights bit for bit (the shipped recipe is reproducible)."""
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in (TINY | {"steps": 3}).items()]
+    # 4 steps, pairs from step 2: both of the preset's phases
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in (TINY | {"singles_first": 2}).items()]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     weights = []
-    for out in (tmp_path / "a", tmp_path / "b"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613",
-               "-m", "sd3mini", "train-toy", "--recipe", "shipped", *args, "--out", str(out), "--threads", "1"]
+    # the second run judges itself during training and exports another CFG default: neither may change
+    # a weight (the shipped run was judged every 1 000 steps, at CFG 3, and re-exported with CFG 2)
+    for out, port, extra in ((tmp_path / "a", 29613, []), (tmp_path / "b", 29614, ["--eval-every", "2",
+                                                                                   "--cfg-scale", "3"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "-m", "sd3mini", "train-toy", "--recipe", "shipped", *args, *extra, "--out", str(out),
+               "--threads", "1"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
                               cwd=Path(__file__).parents[1])
         assert done.returncode == 0, done.stderr[-3000:]
