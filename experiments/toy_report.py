@@ -114,10 +114,9 @@ def fresh_pairs(ckpt=None, n: int = 100, seed: int = 20261202) -> dict:
         if data.caption(scene) not in known:                  # new, and drawn once
             known.add(data.caption(scene))
             scenes.append(scene)
-    a, b = zip(*(sc.objects for sc in scenes))
     phrasings = {"full": [data.caption(sc) for sc in scenes],
-                 "no_sizes": [f"{data.describe(x, False, True)} {sc.relation} {data.describe(y, False, True)}"
-                              for x, y, sc in zip(a, b, scenes)]}
+                 "no_sizes": [" ".join((data.describe(sc.objects[0], False, True), sc.relation,
+                                        data.describe(sc.objects[1], False, True))) for sc in scenes]}
     report = {"checkpoint": portable(str(ckpt)) if ckpt else shipped_path().name, "pairs": n, "caption_seed": seed,
               "noise_seeds": [10_000, 10_000 + n - 1], "sampler": dict(pipe.defaults), "command": command()}
     for name, captions in phrasings.items():
