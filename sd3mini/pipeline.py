@@ -23,7 +23,7 @@ from .loading import (TEXT_ENCODERS, check_text_encoders, download, hub_download
                       load_vae, mmdit_state_dict, vae_state_dict)
 from .mmdit import MMDiTConfig
 from .sampling import check_sampling, check_slg, make_noise, sample
-from .text import SD3TextEncoder, SD3Tokenizer, clip_tokenizer
+from .text import SD3TextEncoder, SD3Tokenizer, clip_tokenizer, load_tokenizer
 from .vae import VAEConfig, image_to_tensor, tensor_to_images
 
 # Defaults per model, from the reference's sd3_infer.CONFIGS. SD3-medium: shift 3.0, not the 1.0 of
@@ -431,20 +431,18 @@ def _tokenizer(tokenizer, need_t5: bool, token=None) -> SD3Tokenizer:
     """An SD3Tokenizer from an instance, a diffusers folder, a T5 tokenizer folder or repo, or defaults."""
     if isinstance(tokenizer, SD3Tokenizer):
         return tokenizer
-    from transformers import AutoTokenizer, CLIPTokenizer
-
     clip, t5 = clip_tokenizer(), None
     root = Path(str(tokenizer)) if tokenizer is not None else None
     if root is not None and (root / "tokenizer").is_dir():          # a diffusers folder
-        clip = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        clip = load_tokenizer(root / "tokenizer", "clip")
         root = root / "tokenizer_3" if (root / "tokenizer_3").is_dir() else None
     if need_t5:
         if root is not None and root.is_dir():
-            t5 = AutoTokenizer.from_pretrained(root)
+            t5 = load_tokenizer(root)
         else:
             from .loading import HUB_T5_TOKENIZER
 
             repo = str(tokenizer) if tokenizer is not None else HUB_T5_TOKENIZER
-            t5 = AutoTokenizer.from_pretrained(hub_download(repo, token=token, allow_patterns=[
+            t5 = load_tokenizer(hub_download(repo, token=token, allow_patterns=[
                 "spiece.model", "tokenizer*.json", "special_tokens_map.json", "config.json"]))
     return SD3Tokenizer(clip, t5)

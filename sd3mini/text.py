@@ -166,7 +166,31 @@ def clip_tokenizer():
     with tempfile.TemporaryDirectory() as d:
         Path(d, "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
         Path(d, "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer.from_pretrained(d)
+        return CLIPTokenizer.from_pretrained(d, trust_remote_code=False)
+
+
+def load_tokenizer(folder, kind: str = "auto"):
+    """A tokenizer from a local folder, never running code from it.
+
+    transformers runs a folder's own Python when its ``tokenizer_config.json`` or ``config.json`` has an
+    ``auto_map`` (after asking on stdin); sd3mini refuses such a folder before transformers reads it,
+    and passes ``trust_remote_code=False`` as well. ``kind``: "clip" (CLIPTokenizer) or "auto".
+    """
+    from transformers import AutoTokenizer, CLIPTokenizer   # heavy: only when a folder is read
+
+    from .checkpoint import CheckpointError
+
+    folder = Path(folder)
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            config = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and "auto_map" in config:
+            raise CheckpointError(f"{folder / name} asks to run Python code from its folder (auto_map); "
+                                  "sd3mini never runs code from a weights or tokenizer folder")
+    loader = CLIPTokenizer if kind == "clip" else AutoTokenizer
+    return loader.from_pretrained(folder, trust_remote_code=False)
 
 
 def _words(tokenizer, text: str) -> list[list[int]]:
