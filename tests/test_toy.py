@@ -139,7 +139,7 @@ def test_training_resumes_exactly(tmp_path):
 
 def test_a_run_resumed_in_stages_gives_one_curve(tmp_path):
     """The shipped run was three stages, each a copy of the last one's ``last.safetensors`` resumed with
-    another recipe; ``toy_report.py log RUN:FROM_STEP ...`` stitches their logs for chapter 14."""
+    another recipe; ``toy_report.py log RUN:FROM_STEP ...`` stitches their logs for chapter 15."""
     from toy_report import stitched
 
     train(Recipe(**TINY), tmp_path / "a", progress=False)

@@ -1,6 +1,6 @@
 """The package as Colab gets it: a wheel installed into a venv outside the checkout, run from another folder.
 
-Chapter 0 runs whole and chapter 14's cells that read the measured results run, with nothing from the
+Chapter 0 runs whole and chapter 15's cells that read the measured results run, with nothing from the
 checkout on the path: the tiny model and the results must come from the installed package.
 """
 
@@ -89,9 +89,9 @@ def reads_results(source: str) -> bool:
     return "load_json(" in source or "data_path(" in source
 
 
-@pytest.mark.parametrize("notebook", ["14_training.ipynb", "15_training_experiments.ipynb"])
+@pytest.mark.parametrize("notebook", ["15_training.ipynb", "16_training_experiments.ipynb"])
 def test_chapters_read_their_results_from_the_wheel(installed, notebook):
-    """The setup cell, then every cell from the first that reads a results file to the end (chapter 14's
+    """The setup cell, then every cell from the first that reads a results file to the end (chapter 15's
     live training loop before it is left out: it reads nothing)."""
     def keep(i, sources):
         first = next(j for j, source in enumerate(sources) if reads_results(source))

@@ -55,7 +55,7 @@ class ToyTextEncoder(nn.Module):
     def __init__(self, width: int = 128, layers: int = 2, heads: int = 2):
         super().__init__()
         # Word and position vectors on the same scale, N(0, 1): with much smaller position vectors the
-        # trained encoder came out order-blind ("red above blue" = "blue above red"; chapter 14).
+        # trained encoder came out order-blind ("red above blue" = "blue above red"; chapter 15).
         self.token_embedding = nn.Embedding(len(VOCAB), width)
         self.position_embedding = nn.Parameter(torch.randn(MAX_TOKENS, width))
         self.blocks = nn.ModuleList([TextBlock(width, heads) for _ in range(layers)])

@@ -72,7 +72,7 @@ PRESETS = {
     "one-hour": ({}, 1),
     # The shipped model: 11 500 steps of 2 x 48 captions, 90% pairs after 1 000 steps of single objects,
     # the learning rate cooled to 0 over the last 6 000; 80 minutes on 2 CPU cores under
-    # ``torchrun --nproc_per_node=2``. Relations rise mostly in the cool-down (chapter 14). Its sampling
+    # ``torchrun --nproc_per_node=2``. Relations rise mostly in the cool-down (chapter 15). Its sampling
     # default, CFG 2, was chosen on the 300 evaluation captions after training (the run judged at 3).
     "shipped": ({"steps": 11500, "cooldown": 6000, "p_pair": 0.9, "singles_first": 1000}, 2),
 }
