@@ -412,11 +412,8 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.x_embedder.proj.bias)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
-        for block in self.joint_blocks:
-            for stream in (block.context_block, block.x_block):
-                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
-                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        adaln = [m[-1] for name, m in self.named_modules() if name.endswith("adaLN_modulation")]
+        for layer in adaln + [self.final_layer.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         return self

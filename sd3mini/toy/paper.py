@@ -1,0 +1,245 @@
+"""Re-run the paper's three central experiments on the shapes world (chapter 16).
+
+    python -m sd3mini.toy.paper formulations --seeds 0 1 2     # 5 formulations, same network and budget
+    python -m sd3mini.toy.paper backbones --seeds 0 1 2        # MM-DiT vs DiT vs CrossDiT
+    python -m sd3mini.toy.paper scaling --seeds 0 1 2          # depth d = 1..5, width 32 d, heads d
+
+Every arm is one short training run of the tiny SD3 (the text encoder and data of ``train-toy``), judged
+two ways at the end and along the way:
+
+- **validation loss**: one fixed held-out set of captions, images, noises and noise levels u (8 levels,
+  evenly spaced), scored for every formulation by rectified flow's velocity error at the same
+  signal-to-noise ratio (``formulations.rf_velocity_error``), averaged over u so that every noise level
+  counts once, whatever the weighting a formulation trained with;
+- **the judge** (``judge.score``) on 120 fixed captions, sampled with the formulation's own sampler at
+  5, 10 and 25 steps.
+
+Each arm writes ``OUT/arms/<arm>.json`` when it ends and is skipped when that file exists,
+so a sweep that is stopped continues where it was; ``collect`` merges the files into the package's results.
+"""
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .. import formulations as fm
+from ..flow import process_in, time_shift
+from . import data, judge
+from .backbones import build_backbone
+from .model import ToyTextEncoder, toy_mmdit_config
+from .train import data_stats, learning_rate, update_ema, Recipe
+
+STEP_COUNTS = (5, 10, 25)
+VAL_LEVELS = 8
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration: a formulation, a backbone and a size, trained with the short recipe."""
+    formulation: str = "rf/lognorm"
+    backbone: str = "mmdit"
+    depth: int = 4
+    width: int = 128
+    heads: int = 2
+    steps: int = 2000
+    batch: int = 48
+    seed: int = 0
+
+    def name(self) -> str:
+        return f"{self.formulation.replace('/', '-')}_{self.backbone}_d{self.depth}w{self.width}_seed{self.seed}"
+
+
+def short_recipe(arm: Arm) -> Recipe:
+    """``train-toy``'s recipe shortened to ``arm.steps``: single objects for the first fifth, then half pairs,
+    the learning rate cooled to 0 over the last 40%; the resolution shift 3 for every formulation."""
+    return Recipe(steps=arm.steps, batch=arm.batch, warmup=200, cooldown=int(0.4 * arm.steps),
+                  singles_first=arm.steps // 5, p_pair=0.5, t_shift=3.0, seed=arm.seed, width=arm.width,
+                  depth=arm.depth, heads=arm.heads)
+
+
+class Denoiser(nn.Module):
+    """Text encoder + backbone; ``forward(z, u, tokens)`` -> the network's raw output for the formulation."""
+
+    def __init__(self, arm: Arm, r: Recipe):
+        super().__init__()
+        self.formulation = arm.formulation
+        self.text = ToyTextEncoder(width=r.text_width, layers=r.text_layers, heads=2)
+        config = toy_mmdit_config(arm.width, arm.depth, r.patch, r.text_width, heads=arm.heads)
+        self.net = build_backbone(arm.backbone, config)
+
+    def forward(self, z, u, tokens=None, text=None):
+        context, pooled = text if text is not None else self.text(tokens)
+        return self.net(fm.network_input(self.formulation, z, u), 1000 * u, y=pooled, context=context)
+
+
+def training_batch(r: Recipe, arm: Arm, step: int, scale: float, shift: float):
+    """(x0, captions, eps, u) for ``step``: the same images and captions for every formulation."""
+    seed = (r.seed * 1_000_003) * 10_000_019 + step
+    images, captions, _ = data.batch(seed, r.batch, p_pair=0.0 if step < r.singles_first else r.p_pair)
+    rng = random.Random(seed)
+    captions = ["" if rng.random() < r.cfg_drop else c for c in captions]
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.randn(images.shape, generator=gen)
+    u = time_shift(fm.train_u(arm.formulation, r.batch, gen), r.t_shift)
+    return process_in(images, scale, shift), captions, eps, u
+
+
+def validation_set(scale: float, shift: float, n: int = 128, seed: int = 20261204):
+    """Held-out images, captions and noises (a seed no training batch uses), and the noise levels u."""
+    images, captions, _ = data.batch(seed, n, p_pair=0.5)
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    levels = (torch.arange(VAL_LEVELS) + 0.5) / VAL_LEVELS
+    return process_in(images, scale, shift), captions, eps, levels
+
+
+@torch.no_grad()
+def validation_loss(model: Denoiser, val) -> dict:
+    """Rectified flow's velocity error per noise level, and its mean over the levels ("loss")."""
+    x0, captions, eps, levels = val
+    text = model.text(model.text.tokenize(captions))
+    per_level = []
+    for u in levels:
+        u = u.expand(len(x0))
+        z = fm.noisy(model.formulation, x0, eps, u)
+        per_level.append(fm.rf_velocity_error(model.formulation, model(z, u, text=text), z, u, x0, eps).mean())
+    return {"loss": float(torch.stack(per_level).mean()), "per_level": [round(float(v), 5) for v in per_level]}
+
+
+@torch.no_grad()
+def generate(model: Denoiser, captions: list[str], steps: int, cfg_scale: float = 2.0, seed: int = 0,
+             shift: float = 3.0) -> torch.Tensor:
+    """Images (B, 3, 32, 32) in model space with the formulation's own sampler and classifier-free guidance."""
+    name = model.formulation
+    cond = model.text(model.text.tokenize(captions))
+    uncond = model.text(model.text.tokenize([""] * len(captions)))
+    text = tuple(torch.cat([c, n]) for c, n in zip(cond, uncond))
+    us = fm.sampling_u(name, steps, shift)
+    a, b = fm.path(name, us[0])
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(captions), 3, data.IMAGE_SIZE, data.IMAGE_SIZE, generator=gen) * torch.sqrt(a**2 + b**2)
+    for u, u_next in zip(us[:-1], us[1:]):
+        uu = u.expand(2 * len(captions))
+        out_c, out_u = model(torch.cat([z, z]), uu, text=text).chunk(2)
+        out = out_u + cfg_scale * (out_c - out_u)        # affine in the output, so the same as guiding x0
+        x0, eps = fm.predict_x0_eps(name, out, z, u.expand(len(captions)))
+        z = fm.ddim_step(name, x0, eps, u_next)
+    return z
+
+
+def judge_scores(model: Denoiser, scale: float, shift: float, n: int = 120) -> dict:
+    """{steps: {"singles": score, "pairs": score, "held_out_pairs": score}} on fixed captions."""
+    captions = data.eval_captions()[: n // 2] + data.eval_captions()[150: 150 + n // 2]
+    result = {}
+    for steps in STEP_COUNTS:
+        images = generate(model, captions, steps) / scale + shift          # pixels in [-1, 1]
+        groups = {"singles": captions[: n // 2],
+                  "pairs": [c for c in captions[n // 2:] if not data.uses_held_out(c)],
+                  "held_out_pairs": [c for c in captions[n // 2:] if data.uses_held_out(c)]}
+        index = {c: i for i, c in enumerate(captions)}
+        result[str(steps)] = {g: {k: round(v, 4) for k, v in judge.score([images[index[c]] for c in cs], cs).items()}
+                              | {"n": len(cs)} for g, cs in groups.items()}
+    return result
+
+
+def flops_per_image(model: Denoiser) -> int:
+    """Forward FLOPs of the backbone for one image and its caption (matrix products; the counter's)."""
+    z, u = torch.zeros(1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE), torch.full((1,), 0.5)
+    with torch.no_grad():
+        text = model.text(model.text.tokenize(["a red circle"]))
+        with FlopCounterMode(display=False) as counter:
+            model.net(z, 1000 * u, y=text[1], context=text[0])
+    return counter.get_total_flops()
+
+
+def run_arm(arm: Arm, val_every: int = 250, judge_captions: int = 120, progress: bool = False) -> dict:
+    """Train one arm from scratch; returns its validation curve, final judge scores, size and cost."""
+    r = short_recipe(arm)
+    torch.manual_seed(arm.seed)
+    model = Denoiser(arm, r)
+    ema = Denoiser(arm, r).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=r.weight_decay)
+    scale, shift = data_stats()
+    val = validation_set(scale, shift)
+    curve, losses, start = [], [], time.time()
+    for step in range(r.steps):
+        x0, captions, eps, u = training_batch(r, arm, step, scale, shift)
+        z = fm.noisy(arm.formulation, x0, eps, u)
+        loss = fm.loss(arm.formulation, model(z, u, model.text.tokenize(captions)), x0, eps, u)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(r, step)
+        opt.step()
+        update_ema(ema, model, step, r.ema)
+        losses.append(loss.item())
+        if (step + 1) % val_every == 0:
+            curve.append({"step": step + 1, **validation_loss(ema, val)})
+            if progress:
+                print(f"{arm.name()} step {step + 1}: val {curve[-1]['loss']:.4f}", flush=True)
+    flops = flops_per_image(model)
+    return {"arm": asdict(arm), "recipe": asdict(r),
+            "params": sum(p.numel() for p in model.net.parameters()),
+            "text_params": sum(p.numel() for p in model.text.parameters()),
+            "flops_per_image": flops, "train_flops_per_step": 3 * flops * r.batch,
+            "train_loss": [round(sum(losses[i:i + 50]) / 50, 5) for i in range(0, len(losses), 50)],
+            "val": curve, "judge": judge_scores(ema, scale, shift, judge_captions),
+            "minutes": round((time.time() - start) / 60, 2)}
+
+
+def experiment_arms(name: str, seeds) -> list[Arm]:
+    if name == "formulations":
+        return [Arm(formulation=f, seed=s) for s in seeds for f in fm.FORMULATIONS]
+    if name == "backbones":
+        # Matched parameters (within 4%): MM-DiT has two weight sets per block, DiT one (so 7 blocks for
+        # MM-DiT's 4, and with every token through every weight, 1.8 x the FLOPs), a CrossDiT block about
+        # 0.7 of a joint block (5 blocks). DiT with 4 blocks matches MM-DiT's FLOPs instead (half the weights).
+        return [Arm(backbone=b, depth=d, seed=s) for s in seeds
+                for b, d in (("mmdit", 4), ("dit", 7), ("dit", 4), ("crossdit", 5))]
+    if name == "scaling":
+        return [Arm(depth=d, width=32 * d, heads=d, seed=s) for s in seeds for d in (1, 2, 3, 4, 5)]
+    raise ValueError(f"unknown experiment {name!r}")
+
+
+def sweep(name: str, seeds, out: Path, steps: int | None = None):
+    """Run every arm of an experiment that has no result file yet, one after another. Results live in
+    ``out/arms/`` by arm, so an arm two experiments share (MM-DiT, depth 4, rf/lognorm) runs once."""
+    folder = out / "arms"
+    folder.mkdir(parents=True, exist_ok=True)
+    for arm in experiment_arms(name, seeds):
+        arm = replace(arm, steps=steps) if steps else arm
+        path = folder / f"{arm.name()}.json"
+        if path.exists():
+            continue
+        print(f"{time.strftime('%H:%M:%S')} {name}: {arm.name()}", flush=True)
+        result = run_arm(arm, progress=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+        print(f"{time.strftime('%H:%M:%S')} done in {result['minutes']} min: val {result['val'][-1]['loss']:.4f}",
+              flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m sd3mini.toy.paper", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", choices=("formulations", "backbones", "scaling"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=Path("runs/paper"))
+    p.add_argument("--steps", type=int, help="shorter runs (tests)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sweep(args.experiment, args.seeds, args.out, args.steps)
+
+
+if __name__ == "__main__":
+    main()

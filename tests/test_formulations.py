@@ -1,0 +1,111 @@
+"""The formulations of the paper's comparison (sd3mini.formulations) and the toy experiments' backbones."""
+
+import math
+
+import pytest
+import torch
+
+from sd3mini import formulations as fm
+from sd3mini.flow import get_sigmas, time_shift
+from sd3mini.sampling import euler_step
+from sd3mini.toy import paper
+from sd3mini.toy.backbones import build_backbone
+from sd3mini.toy.model import toy_mmdit_config
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g), \
+        torch.tensor([0.02, 0.2, 0.4, 0.6, 0.8, 0.97])
+
+
+@pytest.mark.parametrize("name", fm.FORMULATIONS)
+def test_the_target_read_back_gives_the_clean_image_and_the_noise(name, batch):
+    x0, eps, u = batch
+    z = fm.noisy(name, x0, eps, u)
+    x0_hat, eps_hat = fm.predict_x0_eps(name, fm.target(name, x0, eps, u), z, u)
+    torch.testing.assert_close(x0_hat, x0, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(eps_hat, eps, atol=2e-5, rtol=1e-5)
+    assert fm.rf_velocity_error(name, fm.target(name, x0, eps, u), z, u, x0, eps).max() < 1e-8
+    assert fm.loss(name, fm.target(name, x0, eps, u), x0, eps, u) < 1e-10
+
+
+@pytest.mark.parametrize("name", fm.FORMULATIONS)
+def test_every_path_has_the_signal_to_noise_ratio_of_rectified_flow_at_the_same_u(name, batch):
+    _, _, u = batch
+    a, b = fm.path(name, u)
+    torch.testing.assert_close(b / a, u / (1 - u))
+    if fm.PATHS[name] == "vp":
+        torch.testing.assert_close(a**2 + b**2, torch.ones_like(u))
+
+
+def test_rectified_flow_is_sd3s_own_loss_and_sampler(batch):
+    x0, eps, u = batch
+    v = torch.randn_like(x0)
+    sd3_loss = torch.mean((v - (eps - x0)) ** 2)
+    assert torch.equal(fm.loss("rf/lognorm", v, x0, eps, u), sd3_loss)
+    assert torch.equal(fm.sampling_u("rf/uniform", 7, 3.0), get_sigmas(7, 3.0))
+    z = fm.noisy("rf/lognorm", x0, eps, u)
+    for i in range(len(u)):                  # DDIM on the straight path is SD3's Euler step
+        x0_hat, eps_hat = fm.predict_x0_eps("rf/lognorm", v[i:i + 1], z[i:i + 1], u[i:i + 1])
+        step = fm.ddim_step("rf/lognorm", x0_hat, eps_hat, torch.tensor(0.1))
+        torch.testing.assert_close(step, euler_step(z[i:i + 1], x0_hat, u[i], torch.tensor(0.1)))
+
+
+@pytest.mark.parametrize("name", fm.FORMULATIONS)
+def test_sampling_schedules_fall_to_zero_and_are_shifted(name):
+    us = fm.sampling_u(name, 10, 3.0)
+    assert len(us) == 11 and us[-1] == 0 and bool((us[:-1] > us[1:]).all())
+    if name == "eps/linear":                 # LDM's schedule never reaches pure noise (the known flaw)
+        ab = fm.ldm_alphas_cumprod()[-1]
+        top = float((1 - ab).sqrt() / (ab.sqrt() + (1 - ab).sqrt()))
+        assert us[0] == pytest.approx(float(time_shift(torch.tensor(top), 3.0)), rel=1e-5)
+    if name == "edm":
+        assert us[0] == pytest.approx(float(time_shift(torch.tensor(160 / 161), 3.0)), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", fm.FORMULATIONS)
+def test_training_noise_levels_follow_each_formulation(name):
+    u = fm.train_u(name, 20000, torch.Generator().manual_seed(0))
+    assert bool(((u > 0) & (u < 1)).all())
+    median = float(u.median())
+    expected = {"rf/lognorm": 0.5, "rf/uniform": 0.5, "v/cos": 0.5,
+                "edm": math.exp(fm.EDM_P_MEAN) / (1 + math.exp(fm.EDM_P_MEAN))}
+    if name in expected:
+        assert median == pytest.approx(expected[name], abs=0.02)
+    with pytest.raises(ValueError, match="unknown formulation 'ddpm'"):
+        fm.train_u("ddpm", 3)
+
+
+@pytest.mark.parametrize("kind,depth", [("mmdit", 4), ("dit", 7), ("crossdit", 5)])
+def test_backbones_start_as_zero_and_have_matched_sizes(kind, depth):
+    torch.manual_seed(0)
+    net = build_backbone(kind, toy_mmdit_config(128, depth, 4, 128, heads=2))
+    out = net(torch.randn(2, 3, 32, 32), torch.tensor([500.0, 10.0]), y=torch.randn(2, 128),
+              context=torch.randn(2, 16, 128))
+    assert out.shape == (2, 3, 32, 32) and out.abs().max() == 0          # adaLN-Zero: v = 0 at the start
+    params = sum(p.numel() for p in net.parameters())
+    assert abs(params / 2_305_840 - 1) < 0.05                              # MM-DiT, depth 4, width 128
+
+
+def test_a_backbone_learns_from_the_text():
+    """After one step the output depends on the caption for every backbone (the text reaches the image)."""
+    for kind in ("mmdit", "dit", "crossdit"):
+        torch.manual_seed(0)
+        net = build_backbone(kind, toy_mmdit_config(32, 2, 4, 16, heads=1))
+        for p in net.parameters():                                         # leave adaLN-Zero's identity
+            p.data.add_(0.05 * torch.randn_like(p))
+        x, t, y = torch.randn(1, 3, 32, 32), torch.tensor([500.0]), torch.zeros(1, 16)
+        a = net(x, t, y=y, context=torch.randn(1, 5, 16))
+        b = net(x, t, y=y, context=torch.randn(1, 5, 16))
+        assert (a - b).abs().max() > 1e-4, kind
+
+
+def test_an_experiment_arm_runs_end_to_end():
+    result = paper.run_arm(paper.Arm(formulation="edm", backbone="crossdit", depth=1, width=32, heads=1, steps=4,
+                                     batch=4), val_every=2, judge_captions=4)
+    assert [row["step"] for row in result["val"]] == [2, 4]
+    assert len(result["val"][-1]["per_level"]) == paper.VAL_LEVELS and math.isfinite(result["val"][-1]["loss"])
+    assert set(result["judge"]) == {"5", "10", "25"}
+    assert result["judge"]["5"]["singles"]["n"] == 2 and result["flops_per_image"] > 0
