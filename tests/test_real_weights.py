@@ -1,4 +1,9 @@
-"""sd3mini.book: the one decision behind every real-weights cell, and the shipped results the book reads."""
+"""sd3mini.book: the one decision behind every real-weights cell, the helpers those cells take their device,
+dtype, memory, files and photo from, and the shipped results the book reads."""
+
+import builtins
+import sys
+import types
 
 import pytest
 import torch
@@ -8,9 +13,9 @@ from sd3mini import book
 
 @pytest.fixture
 def no_token(monkeypatch, tmp_path):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.delenv(book.WEIGHTS_ENV, raising=False)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", book.WEIGHTS_ENV, book.DEVICE_ENV, book.PHOTO_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)   # not in Colab
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
@@ -64,6 +69,148 @@ def test_never_raises(no_token, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert book.real_weights_available("sd4") is False
     assert "unknown model 'sd4'" in one_line(capsys)
+
+
+def hub_files(folder, model="sd3_medium"):
+    """Empty files named as in the Hub repository: enough for the checks, which only look."""
+    for relative in (book.HUB_MODELS[model][1], *book.HUB_TEXT_ENCODERS.values()):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(b"")
+
+
+def fake_colab(monkeypatch, get):
+    """A stand-in for Colab's ``google.colab.userdata`` whose ``get`` is the given function; prompting
+    for anything (input(), a login widget) fails the test."""
+    userdata = types.ModuleType("google.colab.userdata")
+    userdata.get = get
+    colab = types.ModuleType("google.colab")
+    colab.userdata = userdata
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.userdata", userdata)
+
+    def never(*args, **kwargs):
+        raise AssertionError("real_weights_available() prompted")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(builtins, "input", never)
+    monkeypatch.setattr(huggingface_hub, "notebook_login", never)
+    monkeypatch.setattr(huggingface_hub, "login", never)
+
+
+class NotebookAccessError(Exception):        # what Colab raises when the notebook may not read the secret
+    pass
+
+
+def test_a_token_in_colab_secrets_says_yes_and_every_error_says_no(no_token, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+
+    def secret(value):
+        def get(key):
+            asked.append(key)
+            if isinstance(value, BaseException):
+                raise value
+            return value
+        return get
+
+    fake_colab(monkeypatch, secret("hf_from_secrets"))
+    assert book.real_weights_available() is True and asked == ["HF_TOKEN"]
+    for broken in ("", "   ", None, NotebookAccessError("HF_TOKEN"), RuntimeError("no frontend"), TimeoutError()):
+        fake_colab(monkeypatch, secret(broken))
+        assert book.real_weights_available() is False, broken
+        line = one_line(capsys)
+        assert "notebook_login()" in line and "secret HF_TOKEN" in line
+    colab = types.ModuleType("google.colab")                   # an old google.colab without userdata
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.delitem(sys.modules, "google.colab.userdata")
+    assert book.real_weights_available() is False
+    one_line(capsys)
+
+
+def test_colab_secrets_are_read_only_in_colab_and_only_when_needed(no_token, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+    fake_colab(monkeypatch, lambda key: asked.append(key) or "hf_x")
+    monkeypatch.setenv("HF_TOKEN", "hf_env")                    # a token in the environment: no need to ask
+    assert book.real_weights_available() is True and asked == []
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delitem(sys.modules, "google.colab")            # not in Colab: never imported, never asked
+    assert book.real_weights_available() is False and asked == []
+    line = one_line(capsys)
+    assert "secret HF_TOKEN" in line and "notebook_login()" in line
+
+
+def test_the_cpu_override_runs_on_local_files_only(no_token, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(book.DEVICE_ENV, "cpu")
+    assert book.real_weights_device() == torch.device("cpu")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")                       # a token is not enough on the CPU
+    assert book.real_weights_available() is False
+    line = one_line(capsys)
+    assert "on the CPU" in line and book.WEIGHTS_ENV in line
+    monkeypatch.setenv(book.WEIGHTS_ENV, str(tmp_path))
+    hub_files(tmp_path)
+    assert book.real_weights_available() is True
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv(book.DEVICE_ENV, "tpu")                   # a mistyped override: a line, no exception
+    assert book.real_weights_available() is False
+    assert "SD3MINI_BOOK_DEVICE='tpu'" in one_line(capsys)
+    monkeypatch.delenv(book.DEVICE_ENV)                          # unset: a reader's GPU, which is absent here
+    assert book.real_weights_device() == torch.device("cuda")
+    assert book.real_weights_available() is False and "no CUDA GPU" in one_line(capsys)
+
+
+def test_dtype_follows_the_device(no_token, monkeypatch):
+    monkeypatch.setenv(book.DEVICE_ENV, "cpu")
+    assert book.real_weights_dtype() == torch.float32 and book.real_weights_dtype(precise=True) == torch.float32
+    monkeypatch.setenv(book.DEVICE_ENV, "cuda")
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert book.real_weights_dtype() == dtype
+        assert book.real_weights_dtype(precise=True) == torch.float32
+
+
+def test_memory_helpers_call_cuda_on_a_gpu_and_report_the_host_on_the_cpu(no_token, monkeypatch):
+    import os
+
+    monkeypatch.setenv(book.DEVICE_ENV, "cuda:1")
+    calls = []
+    props = types.SimpleNamespace(name="Tesla T4", total_memory=15_828_320_256)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: calls.append(("props", d)) or props)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: calls.append(("reset", d)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: calls.append(("peak", d)) or 123)
+    assert book.device_memory() == ("Tesla T4", 15_828_320_256)
+    book.reset_peak_memory()
+    assert book.peak_memory() == 123
+    gpu = torch.device("cuda:1")
+    assert calls == [("props", gpu), ("reset", gpu), ("peak", gpu)]
+
+    monkeypatch.setenv(book.DEVICE_ENV, "cpu")
+    calls.clear()
+    name, total = book.device_memory()
+    assert name == "CPU (host RAM)" and total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    book.reset_peak_memory()
+    before = book.peak_memory()
+    big = torch.ones(64 * 2**20, dtype=torch.uint8)              # 64 MiB touched: the peak cannot fall
+    assert 10 * 2**20 < before <= book.peak_memory() <= total and calls == []
+    del big
+
+
+def test_the_photo_and_the_tokenizer_can_be_local(no_token, monkeypatch, tmp_path):
+    from PIL import Image
+
+    from helpers import tiny_t5_tokenizer
+
+    Image.new("L", (30, 20), 128).save(tmp_path / "photo.png")
+    monkeypatch.setenv(book.PHOTO_ENV, str(tmp_path / "photo.png"))
+    photo = book.example_photo()
+    assert photo.mode == "RGB" and photo.size == (30, 20)
+    tiny_t5_tokenizer().save_pretrained(tmp_path / "tokenizer_3")
+    monkeypatch.setenv(book.WEIGHTS_ENV, str(tmp_path))
+    tokenizer = book.real_tokenizer()
+    assert tokenizer.t5_ids("a photo of a cat")[:6] == [3, 4, 5, 3, 6, 1]
+    assert tokenizer("a cat")["l"].shape == (1, 77)
 
 
 def test_shipped_results_load_by_name():
