@@ -1,5 +1,6 @@
 """The formulations of the paper's comparison (sd3mini.formulations) and the toy experiments' backbones."""
 
+import json
 import math
 
 import pytest
@@ -109,3 +110,23 @@ def test_an_experiment_arm_runs_end_to_end():
     assert len(result["val"][-1]["per_level"]) == paper.VAL_LEVELS and math.isfinite(result["val"][-1]["loss"])
     assert set(result["judge"]) == {"5", "10", "25"}
     assert result["judge"]["5"]["singles"]["n"] == 2 and result["flops_per_image"] > 0
+
+
+def test_collect_merges_finished_arms_and_lists_the_missing(tmp_path):
+    arms = paper.experiment_arms("formulations", [0])
+    (tmp_path / "arms").mkdir()
+    for arm in arms[:2]:
+        (tmp_path / "arms" / f"{arm.name()}.json").write_text(json.dumps({"arm": {"name": arm.name()}}))
+    target = paper.collect("formulations", tmp_path, seeds=[0], results=tmp_path)
+    merged = json.loads(target.read_text())
+    assert target.name == "paper_formulations.json"
+    assert [a["arm"]["name"] for a in merged["arms"]] == [a.name() for a in arms[:2]]
+    assert merged["missing"] == [a.name() for a in arms[2:]] and len(arms) == 5
+
+
+def test_experiments_share_the_base_arm_and_match_the_issue():
+    names = {e: [a.name() for a in paper.experiment_arms(e, [0, 1, 2])] for e in ("formulations", "backbones",
+                                                                              "scaling")}
+    base = paper.Arm(seed=1).name()
+    assert all(base in n for n in names.values())          # one run serves all three experiments
+    assert len(names["formulations"]) == 15 and len(names["scaling"]) == 15 and len(names["backbones"]) == 12

@@ -15,7 +15,8 @@ two ways at the end and along the way:
   5, 10 and 25 steps.
 
 Each arm writes ``OUT/arms/<arm>.json`` when it ends and is skipped when that file exists,
-so a sweep that is stopped continues where it was; ``collect`` merges the files into the package's results.
+so a sweep that is stopped continues where it was; ``--collect`` merges the files into the package's
+results (``sd3mini/toy/results/paper_<experiment>.json``).
 """
 
 import argparse
@@ -30,6 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import formulations as fm
+from ..book import RESULTS
 from ..flow import process_in, time_shift
 from . import data, judge
 from .backbones import build_backbone
@@ -228,15 +230,41 @@ def sweep(name: str, seeds, out: Path, steps: int | None = None):
               flush=True)
 
 
+COMMANDS = {name: f"OMP_NUM_THREADS=1 python -m sd3mini.toy.paper {name} --seeds 0 1 2"
+            for name in ("formulations", "backbones", "scaling")}
+
+
+def collect(name: str, out: Path, seeds=(0, 1, 2), results: Path | None = None) -> Path:
+    """Merge an experiment's finished arms into ``sd3mini/toy/results/paper_<name>.json`` (what chapter 16
+    reads); arms not finished yet are listed as missing."""
+    arms, missing = [], []
+    for arm in experiment_arms(name, seeds):
+        path = out / "arms" / f"{arm.name()}.json"
+        if path.exists():
+            arms.append(json.loads(path.read_text()))
+        else:
+            missing.append(arm.name())
+    target = (results or RESULTS) / f"paper_{name}.json"
+    target.write_text(json.dumps({"experiment": name, "command": COMMANDS[name], "seeds": list(seeds),
+                                  "val_levels": VAL_LEVELS, "step_counts": list(STEP_COUNTS),
+                                  "arms": arms, "missing": missing}, indent=1) + "\n")
+    return target
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m sd3mini.toy.paper", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=("formulations", "backbones", "scaling"))
+    p.add_argument("--collect", action="store_true", help="merge the finished arms into the package's "
+                                                          "results (sd3mini/toy/results/paper_*.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=Path("runs/paper"))
     p.add_argument("--steps", type=int, help="shorter runs (tests)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.collect:
+        print(f"wrote {collect(args.experiment, args.out, args.seeds)}")
+        return
     torch.set_num_threads(args.threads)
     sweep(args.experiment, args.seeds, args.out, args.steps)
 
