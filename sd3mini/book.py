@@ -135,14 +135,14 @@ def peak_memory() -> int:
 # --------------------------------------------------------------------------------------------------
 # Whether they can run
 # --------------------------------------------------------------------------------------------------
-def _local_weights(model: str) -> dict[str, Path] | None:
+def _local_weights(model: str, text_encoders=TEXT_ENCODERS) -> dict[str, Path] | None:
     """The files under ``$SD3MINI_WEIGHTS`` (the Hub repository's layout), or None if it is not set."""
     folder = os.environ.get(WEIGHTS_ENV)
     if not folder:
         return None
     folder = Path(folder).expanduser()
     paths = {"model": folder / HUB_MODELS[model][1]}
-    paths.update({kind: folder / HUB_TEXT_ENCODERS[kind] for kind in TEXT_ENCODERS})
+    paths.update({kind: folder / HUB_TEXT_ENCODERS[kind] for kind in text_encoders})
     return paths
 
 
@@ -170,45 +170,45 @@ def _hub_token() -> bool:
     return Path(constants.HF_TOKEN_PATH).is_file() or _colab_token()
 
 
-def _missing(model: str) -> str | None:
+def _missing(model: str, text_encoders=TEXT_ENCODERS) -> str | None:
     """Why the real weights cannot run here (one line), or None if they can."""
     import torch
 
     if model not in HUB_MODELS:
         return f"unknown model {model!r}; choose one of {sorted(HUB_MODELS)}."
     device = real_weights_device()
-    local = _local_weights(model)
+    local = _local_weights(model, text_encoders)
     if _cuda(device) and not torch.cuda.is_available():
-        return ("no CUDA GPU here (on Colab: Runtime > Change runtime type > T4 GPU); "
-                "the rest of the chapter runs on the CPU.")
+        return "no CUDA GPU here (on Colab: Runtime > Change runtime type > T4 GPU)."
     if not _cuda(device) and local is None:
-        return f"${DEVICE_ENV}={device} runs these cells on local files only: set ${WEIGHTS_ENV} too."
+        return f"${DEVICE_ENV}={device} runs these cells on local files only: set ${WEIGHTS_ENV}."
     if local is not None:
         absent = [str(p) for p in local.values() if not p.is_file()]
         return f"${WEIGHTS_ENV} is set but lacks {', '.join(absent)}." if absent else None
     if _hub_token():
         return None
     repo = HUB_MODELS[model][0]
-    return (f"no Hugging Face token: accept the licence at https://huggingface.co/{repo}, then run "
+    return (f"the {model} weights need a Hugging Face token: accept the licence at "
+            f"https://huggingface.co/{repo}, then run "
             "huggingface_hub.notebook_login() (or set HF_TOKEN, or on Colab add the secret HF_TOKEN), "
             f"or set ${WEIGHTS_ENV} to a folder with the files; then run this cell again.")
 
 
-def real_weights_available(model: str = "sd3_medium") -> bool:
-    """Whether a chapter's real-weight cells can run: a CUDA GPU, and the official files either in
-    ``$SD3MINI_WEIGHTS`` or downloadable with a Hugging Face token (``HF_TOKEN``, a saved login, or
-    Colab's secret ``HF_TOKEN``). Otherwise prints one line that says what to do and returns False.
+def real_weights_available(model: str = "sd3_medium", text_encoders=TEXT_ENCODERS) -> bool:
+    """Whether a chapter's real-weight cells can run: a CUDA GPU, and the official files (the model and
+    the ``text_encoders`` the cell reads) either in ``$SD3MINI_WEIGHTS`` or downloadable with a Hugging
+    Face token (``HF_TOKEN``, a saved login, or Colab's secret ``HF_TOKEN``). Otherwise prints one line
+    that says what to do and returns False.
     It never asks for a login and never raises. (Colab itself may ask once whether this notebook may
     read a secret HF_TOKEN that the reader stored without notebook access, as the download would.)
 
     With ``$SD3MINI_BOOK_DEVICE=cpu`` (the tests) the CPU is accepted, with local files only."""
     try:
-        reason = _missing(model)
+        reason = _missing(model, tuple(text_encoders))
     except Exception as e:                              # a broken CUDA or hub install: say so, skip
         reason = f"could not check ({type(e).__name__}: {e})."
     if reason is not None:
-        device = "the CPU" if os.environ.get(DEVICE_ENV, "").strip() == "cpu" else "a GPU"
-        print(f"Skipped (needs the official {model} weights on {device}): {reason}")
+        print(f"Skipped: {reason}")          # one line; the usual one (no GPU) fits the book's 88 columns
     return reason is None
 
 

@@ -30,7 +30,8 @@ def one_line(capsys) -> str:
 def test_no_gpu_skips_with_one_line(no_token, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert book.real_weights_available() is False
-    assert "no CUDA GPU" in one_line(capsys)
+    line = one_line(capsys)
+    assert "no CUDA GPU" in line and len(line) <= 88 + 1        # the line every CPU-recorded chapter stores
 
 
 def test_gpu_without_token_or_files_says_how_to_log_in(no_token, monkeypatch, capsys):
@@ -57,6 +58,15 @@ def test_a_token_or_complete_local_files_say_yes(no_token, monkeypatch, tmp_path
     files = book.real_weights("sd3_medium", text_encoders=("clip_l",))
     assert files == {"model": tmp_path / "sd3_medium.safetensors",
                      "clip_l": tmp_path / "text_encoders" / "clip_l.safetensors"}
+
+
+def test_a_cell_that_reads_only_the_model_needs_only_the_model_file(no_token, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(book.WEIGHTS_ENV, str(tmp_path))
+    (tmp_path / "sd3_medium.safetensors").write_bytes(b"")
+    assert book.real_weights_available(text_encoders=()) is True         # chapters 3 and 9
+    assert book.real_weights_available() is False                         # chapters 10 and 14 read all
+    assert "text_encoders/clip_l.safetensors" in one_line(capsys)
 
 
 def test_never_raises(no_token, monkeypatch, capsys):
@@ -148,7 +158,7 @@ def test_the_cpu_override_runs_on_local_files_only(no_token, monkeypatch, tmp_pa
     monkeypatch.setenv("HF_TOKEN", "hf_x")                       # a token is not enough on the CPU
     assert book.real_weights_available() is False
     line = one_line(capsys)
-    assert "on the CPU" in line and book.WEIGHTS_ENV in line
+    assert "local files only" in line and book.WEIGHTS_ENV in line
     monkeypatch.setenv(book.WEIGHTS_ENV, str(tmp_path))
     hub_files(tmp_path)
     assert book.real_weights_available() is True
