@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 sys.path.insert(0, str(ROOT / "book"))
-from set_repository import current_url  # noqa: E402
+from set_repository import current_branch, current_url  # noqa: E402
 
 
 def load(path):
@@ -41,14 +41,27 @@ def test_chapter_is_executed_and_shows_a_picture(path):
     assert not any("execution" in c.get("metadata", {}) for c in code), "record_timing=False was not used"
 
 
+COLAB_LINK = re.compile(r"colab\.research\.google\.com/github/([^/\s]+/[^/\s]+)/blob/(\S+?)/notebooks/([^)\s]+)")
+
+
+def repository_links(text: str):
+    """(install lines, Colab links) of a notebook's text: [(url, branch)], [(slug, branch, notebook)]."""
+    installs = re.findall(r'sd3mini @ git\+(https://github\.com/[^@\s]+)@([\w./-]+)', text)
+    return installs, COLAB_LINK.findall(text)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_chapter_points_at_the_configured_repository(path):
-    url = current_url()
+    """The setup cell installs from _config.yml's repository and branch; a Colab badge is optional (the
+    book's header has the launch button), but where a chapter has one it opens this chapter there."""
+    url, branch = current_url(), current_branch()
     slug = url.split("github.com/")[1]
     first_cells = "".join("".join(c["source"]) for c in load(path)["cells"][:2])
-    assert f"colab.research.google.com/github/{slug}/blob/main/notebooks/{path.name}" in first_cells
-    assert f'"sd3mini @ git+{url}@main"' in first_cells
+    installs, links = repository_links(first_cells)
+    assert installs == [(url, branch)]
+    assert f'"sd3mini @ git+{url}@{branch}"' in first_cells
     assert 'if "google.colab" in sys.modules:' in first_cells
+    assert all(link == (slug, branch, path.name) for link in links), links
 
 
 def test_set_repository_rewrites_everything(tmp_path, monkeypatch):
@@ -60,11 +73,22 @@ def test_set_repository_rewrites_everything(tmp_path, monkeypatch):
         src = ROOT / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / item)
     monkeypatch.setattr(set_repository, "ROOT", tmp_path)
-    set_repository.main("https://github.com/someone/fork")
-    assert set_repository.current_url() == "https://github.com/someone/fork"
-    for nb in (tmp_path / "notebooks").glob("*.ipynb"):
-        text = nb.read_text()
-        assert "github.com/someone/fork@main" in text and "github/someone/fork/blob/main" in text
+    badges = {nb.name for nb in (tmp_path / "notebooks").glob("*.ipynb") if COLAB_LINK.search(nb.read_text())}
+    # a fork whose URL starts with the old one, and a branch with a slash
+    for url, branch, expected_branch in (("https://github.com/sd3mini/sd3mini-fork", "feature/book", "feature/book"),
+                                         ("https://github.com/someone/fork", None, "feature/book")):
+        set_repository.main(url, branch)
+        assert (set_repository.current_url(), set_repository.current_branch()) == (url, expected_branch)
+        slug = url.split("github.com/")[1]
+        for nb in (tmp_path / "notebooks").glob("*.ipynb"):
+            text = nb.read_text()
+            json.loads(text)
+            installs, links = repository_links(text)
+            assert installs == [(url, expected_branch)], nb.name
+            assert links == ([(slug, expected_branch, nb.name)] if nb.name in badges else []), nb.name
+            assert "github.com/sd3mini/sd3mini/" not in text and "sd3mini/sd3mini@" not in text
+    config = (tmp_path / "_config.yml").read_text()
+    assert "  url: https://github.com/someone/fork\n  branch: feature/book\n" in config
 
 
 BUILT = ROOT / "_build" / "html"
