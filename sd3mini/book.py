@@ -179,7 +179,9 @@ def _missing(model: str, text_encoders=TEXT_ENCODERS) -> str | None:
     device = real_weights_device()
     local = _local_weights(model, text_encoders)
     if _cuda(device) and not torch.cuda.is_available():
-        return "no CUDA GPU here (on Colab: Runtime > Change runtime type > T4 GPU)."
+        if "google.colab" in sys.modules:
+            return "no CUDA GPU here: Runtime > Change runtime type > T4 GPU, then run all cells again."
+        return "no CUDA GPU here."
     if not _cuda(device) and local is None:
         return f"${DEVICE_ENV}={device} runs these cells on local files only: set ${WEIGHTS_ENV}."
     if local is not None:
@@ -207,8 +209,9 @@ def real_weights_available(model: str = "sd3_medium", text_encoders=TEXT_ENCODER
         reason = _missing(model, tuple(text_encoders))
     except Exception as e:                              # a broken CUDA or hub install: say so, skip
         reason = f"could not check ({type(e).__name__}: {e})."
-    if reason is not None:
-        print(f"Skipped: {reason}")          # one line; the usual one (no GPU) fits the book's 88 columns
+    if reason is not None:                  # one line; the one a CPU stores (no GPU) fits 88 columns
+        device = "the CPU" if os.environ.get(DEVICE_ENV, "").strip() == "cpu" else "a GPU"
+        print(f"Skipped (needs the official {model} weights on {device}): {reason}")
     return reason is None
 
 

@@ -32,6 +32,9 @@ def test_no_gpu_skips_with_one_line(no_token, monkeypatch, capsys):
     assert book.real_weights_available() is False
     line = one_line(capsys)
     assert "no CUDA GPU" in line and len(line) <= 88 + 1        # the line every CPU-recorded chapter stores
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert book.real_weights_available() is False               # on Colab: where to switch the GPU on
+    assert "Runtime > Change runtime type > T4 GPU" in one_line(capsys)
 
 
 def test_gpu_without_token_or_files_says_how_to_log_in(no_token, monkeypatch, capsys):
