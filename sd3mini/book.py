@@ -67,16 +67,20 @@ def real_weights_device():
 
 
 def real_weights_dtype(precise: bool = False):
-    """The number format of the real-weights cells (``sd3mini.pipeline.default_dtype``): bfloat16 on a
-    GPU that computes it fast (Ampere and newer), float16 on older ones (a Colab T4), float32 on the CPU.
+    """The number format of the real-weights cells: bfloat16 on a GPU that computes it fast (compute
+    capability 8 and up: Ampere and newer), float16 on older ones (a Colab T4 is 7.5), float32 on the CPU.
+
+    Asked by capability, not by ``torch.cuda.is_bf16_supported()``: in recent torch that also says yes
+    where bfloat16 is only emulated, as on a T4, where it is slow.
 
     ``precise=True``: float32 on every device, for a cell that measures a model rather than a number
     format and can afford it (chapter 3's VAE, 0.3 GB)."""
     import torch
 
-    from .pipeline import default_dtype
-
-    return torch.float32 if precise else default_dtype(real_weights_device())
+    device = real_weights_device()
+    if precise or not _cuda(device):
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
 
 
 def _cuda(device) -> bool:

@@ -178,8 +178,10 @@ def test_dtype_follows_the_device(no_token, monkeypatch):
     monkeypatch.setenv(book.DEVICE_ENV, "cpu")
     assert book.real_weights_dtype() == torch.float32 and book.real_weights_dtype(precise=True) == torch.float32
     monkeypatch.setenv(book.DEVICE_ENV, "cuda")
-    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float16)):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+    # torch says bf16 is supported on a T4 too (emulated, slow): the capability decides
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    for capability, dtype in (((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), torch.float16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert book.real_weights_dtype() == dtype
         assert book.real_weights_dtype(precise=True) == torch.float32
 
