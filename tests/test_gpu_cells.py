@@ -152,10 +152,11 @@ def weights(hub, monkeypatch):
 
 
 WITH_CELLS = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb") if GUARD in p.read_text())
-CHECKED = ["00_tour", "03_vae", "09_positional_embedding", "10_text_conditioning", "14_real_weights"]
+CHECKED = ["00_tour", "03_vae", "09_positional_embedding", "10_text_conditioning", "13_sd3_by_hand",
+           "14_real_weights"]
 # Chapters whose real-weights cell does not take its machine from sd3mini.book yet (so it cannot run
 # here): when one is converted, its xfail turns into a failure that asks for a test of what it claims.
-NOT_YET = {"13_sd3_by_hand": "reads the weights with device='cuda' and float16 written in the cell"}
+NOT_YET = {}
 
 
 def test_the_checked_chapters_have_their_real_weights_cells():
@@ -229,6 +230,17 @@ def test_text_cell_encodes_the_prompt_with_the_files(weights):
     expected = sd3mini.encode_prompt(tokens, encs["clip_l"], encs["clip_g"], encs["t5xxl"], context_dim=256)
     torch.testing.assert_close(ctx, expected[0])
     torch.testing.assert_close(pool, expected[1])
+
+
+def test_by_hand_cell_runs_the_checkpoint_in_the_readers_own_class(weights):
+    ns, out = run_gpu_cell("13_sd3_by_hand")
+    big, package = ns["big"], ns["package"]
+    assert "<All keys matched successfully>" in out                       # strict=True, every tensor
+    assert type(big).__name__ == "MyMMDiT" and not any(isinstance(m, type(package)) for m in big.modules())
+    assert ns["config"]["depth"] == package.config.depth and ns["config"]["D"] == package.config.hidden_size
+    n = sum(p.numel() for p in package.parameters())
+    assert f"{n / 1e9:.3f} B parameters; velocity (1, 16, 16, 16)" in out   # the tiny grid: 8 x 8 patches
+    assert ns["diff"] < 1e-4 and "in torch.float32" in out
 
 
 @pytest.mark.parametrize("memory", [None, ("Tesla T4", 15_828_320_256), ("NVIDIA A100", 85_899_345_920)],
