@@ -237,7 +237,8 @@ def test_by_hand_cell_runs_the_checkpoint_in_the_readers_own_class(weights):
     big, package = ns["big"], ns["package"]
     assert "<All keys matched successfully>" in out                       # strict=True, every tensor
     assert type(big).__name__ == "MyMMDiT" and not any(isinstance(m, type(package)) for m in big.modules())
-    assert ns["config"]["depth"] == package.config.depth and ns["config"]["D"] == package.config.hidden_size
+    assert ns["big_config"]["depth"] == package.config.depth
+    assert ns["big_config"]["D"] == package.config.hidden_size
     n = sum(p.numel() for p in package.parameters())
     assert f"{n / 1e9:.3f} B parameters; velocity (1, 16, 16, 16)" in out   # the tiny grid: 8 x 8 patches
     assert ns["diff"] < 1e-4 and "in torch.float32" in out
