@@ -5,6 +5,7 @@ LazyTensor knows its shape and dtype and reads its data when ``load()`` is calle
 the model on the meta device and fill it tensor by tensor, so the host never holds two copies.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+try:
+    import fcntl
+except ImportError:                                   # Windows: no flock, folders are not locked
+    fcntl = None
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -82,15 +88,44 @@ def read_header(path) -> dict:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path} is not a safetensors file (unreadable header: {e}).") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = max((_data_end(path, k, v) for k, v in _entries(path, header)), default=0)
     if size < 8 + n + end:
-        raise CheckpointError(
-            f"{path} is truncated: it has {size:,} bytes but its header describes {8 + n + end:,}. "
-            "The download was probably interrupted; delete the file and download it again.")
+        advice = ("The download was probably interrupted; delete the file and download it again." if
+                  "sd3mini_train" not in (header.get("__metadata__") or {}) else
+                  "It is a train-toy training state cut short (sd3mini writes them whole: a copy or a disk that "
+                  "failed?); resume from an earlier copy of it, or start the run over with --force.")
+        raise CheckpointError(f"{path} is truncated: it has {size:,} bytes but its header describes "
+                              f"{8 + n + end:,}. {advice}")
     return header
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def _entries(path, header) -> list:
+    """The header's (key, entry) pairs of tensors, after checking it is a JSON object."""
+    for what, value in (("header", header), ("__metadata__", header.get("__metadata__") or {} if
+                                               isinstance(header, dict) else {})):
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path} is not a safetensors file: its {what} is a JSON {type(value).__name__}, "
+                                  "not an object")
+    return [(k, v) for k, v in header.items() if k != "__metadata__"]
+
+
+def _data_end(path, key: str, entry) -> int:
+    """Where a tensor's data ends; a CheckpointError naming the file, the tensor and the field if malformed."""
+    ok = isinstance(entry, dict) and all(f in entry for f in ("dtype", "shape", "data_offsets"))
+    offsets, shape = (entry.get("data_offsets"), entry.get("shape")) if ok else (None, None)
+    ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets) \
+        and offsets[0] <= offsets[1] and isinstance(shape, list) and all(_count(d) for d in shape)
+    if not ok:
+        raise CheckpointError(f"{path} has a malformed header: tensor {key!r} needs dtype, shape (a list of sizes) "
+                              f"and data_offsets (begin <= end), got {entry!r:.120}")
+    return offsets[1]
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def safetensors_files(path: Path) -> list[Path]:
     """A file, or the safetensors weights in a folder (sharded via *.index.json, or a single file)."""
     if path.is_file():
         return [path]
@@ -99,21 +134,41 @@ def _safetensors_files(path: Path) -> list[Path]:
     indexes = sorted(path.glob("*.safetensors.index.json"))
     indexes = [p for p in indexes if ".fp16." not in p.name] or indexes
     if indexes:
-        shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
-        return [path / s for s in shards]
+        return [path / s for s in _shards(indexes[0])]
     files = sorted(path.glob("*.safetensors"))
     plain = [p for p in files if p.name.count(".") == 1]          # prefer "model.safetensors" to variants
+    if len(plain) > 1:                                             # unrelated files: which one is meant?
+        raise CheckpointError(f"{path} holds several .safetensors files ({', '.join(p.name for p in plain[:4])}"
+                              f"{', ...' if len(plain) > 4 else ''}) and no index; pass one of them")
     if plain or files:
         return (plain or files)[:1]
     if any(path.glob("*.bin")) or any(path.glob("*.ckpt")) or any(path.glob("*.pt")):
         raise CheckpointError(f"{path} holds only PyTorch pickles; sd3mini reads only .safetensors files.")
+    parts = sorted(d.name + "/" for d in path.iterdir() if d.is_dir() and any(d.glob("*.safetensors")))
+    if parts:
+        raise CheckpointError(f"no .safetensors file in {path} itself; its folders {', '.join(parts)} hold some "
+                              "(a diffusers folder?): pass one of them")
     raise CheckpointError(f"no .safetensors file in {path}")
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a ``*.safetensors.index.json`` names, or a CheckpointError that names the file."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a safetensors index: it needs a JSON object with a "
+                              f"\"weight_map\" of tensor name -> file ({type(e).__name__}: {e})") from None
+    bad = [s for s in shards if not isinstance(s, str) or Path(s).name != s]
+    if bad:
+        raise CheckpointError(f"{index}: its weight_map names {bad[0]!r}, not a file beside it")
+    return shards
 
 
 def open_state_dict(path) -> dict[str, LazyTensor]:
     """``{key: LazyTensor}`` for a safetensors file or a folder of them; reads headers only."""
     sd = {}
-    for file in _safetensors_files(Path(path)):
+    for file in safetensors_files(Path(path)):
         header = read_header(file)
         handle = safe_open(str(file), framework="pt", device="cpu")
         for key, info in header.items():
@@ -181,12 +236,54 @@ def save_state_dict(sd: dict[str, torch.Tensor], path, metadata: dict | None = N
     tensors = {k: v.detach().contiguous() for k, v in sd.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with written_whole(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        umask = os.umask(0)                 # safetensors creates its file 0600; give it the usual mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def written_whole(path):
+    """A new, empty file beside ``path`` to write: renamed to ``path`` when the block ends, removed if it
+    fails. Its name is unique, so two writers of one ``path`` never write into each other's file, and it
+    ends with the usual mode, 0666 less the umask (safetensors creates its files 0600)."""
+    path = Path(path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # the kernel applies the umask
+            break
+        except FileExistsError:
+            continue
+    mode = os.fstat(fd).st_mode & 0o777
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class FolderLock:
+    """An exclusive lock on a folder while held: flock on the folder itself, so nothing is written in it,
+    and the kernel releases it when the process ends, however it ends (no stale lock file to delete).
+    ``acquire()`` is False while another process holds it (always True where there is no flock)."""
+
+    def __init__(self, folder):
+        self.folder, self.fd = Path(folder), None
+
+    def acquire(self) -> bool:
+        if self.fd is not None or fcntl is None:
+            return True
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)                         # closing the descriptor releases the lock
+            self.fd = None

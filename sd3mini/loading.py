@@ -74,13 +74,16 @@ def build(make, sd: dict, *, what: str, device=None, dtype=None, keep_fp32=(), a
         if t.is_floating_point():
             t = t.to(device=device or "cpu", dtype=torch.float32 if any(s in key for s in keep_fp32) else dtype)
         t = t.to(device or "cpu")
+        if (expected[key].dtype, expected[key].device) == (t.dtype, t.device):
+            expected[key].copy_(t)      # built on the CPU: into the module's own tensor, never a second copy
+            continue
         if t.device.type == "cpu" and t.data_ptr() % 64:
             # A view into the (copy-on-write) memory map at the file's byte offset. CPU kernels take
             # other SIMD paths on unaligned data and round differently (~1e-6), so the same weights
             # would give slightly different outputs depending on the file's layout: copy to aligned memory.
             t = t.clone()
         tensors[key] = t
-    model.load_state_dict(tensors, assign=True, strict=True)
+    model.load_state_dict(tensors, assign=True, strict=False)   # the keys were checked above
     if hasattr(model, "init_non_persistent"):
         model.init_non_persistent()
     return model.eval().requires_grad_(False)
@@ -182,6 +185,21 @@ def check_text_encoders(sources: dict, mmdit_config: MMDiTConfig):
                               f"{mmdit_config.adm_in_channels}")
 
 
+def find_text_encoder(sd: dict, path: Path, kind: str):
+    """A text encoder bundled in the single file, or a standalone file beside it (the Hub layout)."""
+    if any(k.startswith(f"text_encoders.{kind}.") for k in sd):
+        return sd
+    names = {"clip_l": ["clip_l.safetensors"], "clip_g": ["clip_g.safetensors"],
+             "t5xxl": ["t5xxl_fp16.safetensors", "t5xxl.safetensors", "t5xxl_fp32.safetensors"]}[kind]
+    for folder in (path.parent / "text_encoders", path.parent):
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    raise FileNotFoundError(
+        f"no {kind} text encoder: {path.name} does not bundle one and there is no {names[0]} in "
+        f"{path.parent / 'text_encoders'}. Pass {kind}=PATH, or no_t5=True to run without T5.")
+
+
 def _read(src, select, config_cls, model_cls):
     """What ``build`` needs: (make, the model's state dict selected by ``select``, all the file's keys)."""
     full = state_dict_of(src)
@@ -271,7 +289,8 @@ def hub_download(repo: str, filename: str | None = None, *, token=None, allow_pa
                               "HF_HUB_OFFLINE=1) and it is not in the local cache; download it once online, "
                               "or pass a local path") from e
     except EntryNotFoundError as e:
-        raise FileNotFoundError(f"the Hub repository {repo} has no file {filename}") from e
+        wanted = filename or "matching " + ", ".join(allow_patterns or ["*"])   # a snapshot: what it asked for
+        raise FileNotFoundError(f"the Hub repository {repo} has no file {wanted}") from e
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
