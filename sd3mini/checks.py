@@ -11,8 +11,15 @@ from numbers import Integral, Real
 
 import torch
 
-# What torch.Generator.manual_seed accepts; image i of a batch uses seed + i, so the last must fit too.
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# What torch.Generator.manual_seed accepts, less the negatives: it takes -s as 2**64 - s, so seed -1 and
+# 2**64 - 1 would be the same image. Image i of a batch uses seed + i, so the last must fit too.
+SEED_MIN, SEED_MAX = 0, 2**64 - 1
+# Guidance and shift far past any use (SD3 samples at cfg 1-7 and shift 1-6): the guided x0 grows with cfg
+# until the picture is saturated colour, and at 1e30 it overflows float32; shift s moves the middle of the
+# schedule to sigma s / (1 + s), which 0.01 and 100 already put within 1 % of the data or of the noise (and
+# 1e-300 gives 0 / 0 in float32).
+CFG_MAX = 100.0
+SHIFT_MIN, SHIFT_MAX = 0.01, 100.0
 
 
 class ArgumentError(ValueError):
@@ -54,9 +61,74 @@ def check_seed(seed, batch: int = 1, name: str = "seed") -> int:
     """An integer that ``torch.Generator().manual_seed`` takes, for every image: seed ... seed + batch - 1."""
     check_int(name, seed)
     if not SEED_MIN <= seed <= SEED_MAX - (batch - 1):
-        raise ArgumentError(f"{name} must be in [-2**63, 2**64 - {batch}] (what torch.Generator takes, for "
+        raise ArgumentError(f"{name} must be in [0, 2**64 - {batch}] (what torch.Generator takes, for "
                             f"{batch} image{'s' * (batch > 1)}), got {seed}")
     return int(seed)
+
+
+def check_cfg(name: str, value) -> float:
+    check_number(name, value, minimum=0)
+    if value > CFG_MAX:
+        raise ArgumentError(f"{name} must be at most {CFG_MAX:g} (images saturate long before), got {value}")
+    return value
+
+
+def check_shift(name: str, value) -> float:
+    check_number(name, value, above=0)
+    if not SHIFT_MIN <= value <= SHIFT_MAX:
+        raise ArgumentError(f"{name} must be in [{SHIFT_MIN:g}, {SHIFT_MAX:g}] (beyond, the schedule's middle is "
+                            f"within 1 % of the data or of the noise), got {value}")
+    return value
+
+
+def check_size(width: int, height: int, multiple: int, max_size: int):
+    """Width and height: integers, multiples of ``multiple``, in [multiple, max_size]; a refusal names the
+    nearest valid sizes."""
+    for name, v in (("width", width), ("height", height)):
+        _check_side(name, v, multiple, max_size)
+
+
+def _check_side(name: str, v, multiple: int, max_size: int, image: str = ""):
+    """One side; ``image`` describes the init image when the side is its size (no width or height given)."""
+    check_int(name, v)
+    if v < multiple:
+        raise ArgumentError(f"{name} must be at least {multiple}, got {v}")
+    if v > max_size:
+        raise ArgumentError(f"{image or f'{name} {v}'} is larger than this model supports: the maximum is "
+                            f"{max_size} pixels" + ("; pass width and height, or a smaller image" if image else ""))
+    if v % multiple:                                  # both neighbours are valid: max_size is a multiple too
+        lo = v // multiple * multiple
+        raise ArgumentError(f"{name} {v} is not a multiple of {multiple}; the nearest valid sizes are {lo} and "
+                            f"{lo + multiple}")
+
+
+def output_size(width, height, init_size, *, multiple: int, max_size: int, default: int) -> tuple[int, int]:
+    """The image size (w, h): as given; a side not given is the init image's (``init_size``, rounded down
+    to ``multiple``), else ``default`` (height: the width). Checked against the model's rules."""
+    if init_size is None:
+        width = width if width is not None else default
+        check_size(width, height if height is not None else width, multiple, max_size)
+        return width, height if height is not None else width
+    w, h = init_size
+    sides = []
+    for name, given, side in (("width", width, w), ("height", height, h)):
+        if given is None and side < multiple:
+            raise ArgumentError(f"init_image is {w}x{h} pixels; without width and height its size, rounded down to "
+                                f"a multiple of {multiple}, is the output size, so it must be at least "
+                                f"{multiple}x{multiple} (or pass width and height)")
+        sides.append(given if given is not None else side // multiple * multiple)
+        _check_side(name, sides[-1], multiple, max_size, f"the init image ({w}x{h} pixels)" if given is None else "")
+    return tuple(sides)
+
+
+TORCH_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(name: str, dtype):
+    """None (the device's default) or one of the float dtypes the models run in."""
+    if dtype is not None and dtype not in TORCH_FLOATS:
+        raise ArgumentError(f"{name} must be None, torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    return dtype
 
 
 def check_finite_tensor(name: str, t: torch.Tensor):

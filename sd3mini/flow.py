@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .checks import SHIFT_MAX, SHIFT_MIN, ArgumentError, check_int, check_shift
+
 # --- Latent format -------------------------------------------------------------------------------
 # The 16-channel VAE latents are shifted and scaled to roughly zero mean and unit variance before
 # the MM-DiT sees them (values from the reference, sd3_impls.SD3LatentFormat).
@@ -38,6 +40,8 @@ def time_shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     schedule at high noise (paper section 5.3.2). sd3mini uses 3.0 for every official model (the SD3
     release reference; the sd3.5 repository lists 1.0 for SD3-medium).
     """
+    if not SHIFT_MIN <= shift <= SHIFT_MAX:          # one comparison: training calls this every step
+        check_shift("shift", shift)
     if shift == 1.0:
         return sigma
     return shift * sigma / (1 + (shift - 1) * sigma)
@@ -50,8 +54,8 @@ def get_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     1000 down to ``1000 * time_shift(1/1000)`` (the smallest *shifted* training sigma), and are then
     shifted again. So the last non-zero sigma is shifted twice: 0.008929 for shift 3, not 0.002994.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    check_int("steps", steps, minimum=1)
+    check_shift("shift", shift)
     sigma_min = time_shift(torch.tensor(1 / 1000, dtype=torch.float32), shift)
     timesteps = torch.linspace(1000.0, float(sigma_min * 1000), steps)
     sigmas = time_shift(timesteps / 1000.0, shift)
@@ -69,6 +73,7 @@ def sample_t(n: int, kind: str = "logit_normal", *, m: float = 0.0, s: float = 1
     - ``mode``: sigma = 1 - u - mode_scale * (cos^2(pi u / 2) - 1 + u); heavier tails than logit-normal.
     - ``cosmap``: sigma = 1 - 1 / (tan(pi u / 2) + 1), the cosine schedule mapped to the straight path.
     """
+    check_int("n", n, minimum=0)
     if kind == "logit_normal":
         return torch.sigmoid(m + s * torch.randn(n, generator=generator))
     u = torch.rand(n, generator=generator)
@@ -76,11 +81,11 @@ def sample_t(n: int, kind: str = "logit_normal", *, m: float = 0.0, s: float = 1
         return u
     if kind == "mode":
         if not -1 <= mode_scale <= 2 / (math.pi - 2):   # outside, the map leaves [0, 1] / is not monotone
-            raise ValueError(f"mode_scale must be in [-1, {2 / (math.pi - 2):.4f}], got {mode_scale}")
+            raise ArgumentError(f"mode_scale must be in [-1, {2 / (math.pi - 2):.4f}], got {mode_scale}")
         return 1 - u - mode_scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
     if kind == "cosmap":
         return 1 - 1 / (torch.tan(math.pi / 2 * u) + 1)
-    raise ValueError(f"unknown timestep sampler {kind!r}; use one of {TIMESTEP_SAMPLERS}")
+    raise ArgumentError(f"unknown timestep sampler {kind!r}; use one of {TIMESTEP_SAMPLERS}")
 
 
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")

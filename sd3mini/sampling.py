@@ -8,7 +8,7 @@ unconditional pass, and skip-layer guidance adds one more, conditional pass with
 import torch
 from tqdm import tqdm
 
-from .checks import ArgumentError, check_finite_tensor, check_int, check_number
+from .checks import ArgumentError, check_cfg, check_finite_tensor, check_int, check_number, check_seed, check_shift
 from .flow import get_sigmas
 
 SAMPLERS = ("euler", "dpmpp_2m")
@@ -20,6 +20,8 @@ def make_noise(seed: int, shape, batch: int = 1) -> torch.Tensor:
     Drawing on the CPU makes a seed give the same image on every device; item i of a batch is
     the same image as a single run with seed + i.
     """
+    check_int("batch", batch, minimum=1)
+    check_seed(seed, batch)
     return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(batch)])
 
 
@@ -119,8 +121,8 @@ def sample(model, noise, cond, uncond, *, steps: int, shift: float, cfg_scale: f
 def check_sampling(*, steps, shift, cfg_scale, sampler, denoise=1.0):
     """The scalar arguments of ``sample``: a message that names the argument, its value, what is allowed."""
     check_int("steps", steps, minimum=1)
-    check_number("shift", shift, above=0)
-    check_number("cfg_scale", cfg_scale, minimum=0)
+    check_shift("shift", shift)
+    check_cfg("cfg_scale", cfg_scale)
     check_number("denoise", denoise)                    # a finite real number (numpy's included)
     if not 0 < denoise <= 1:
         raise ArgumentError(f"denoise must be in (0, 1], got {denoise!r}")
