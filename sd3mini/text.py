@@ -217,8 +217,8 @@ class SD3Tokenizer:
     def clip_ids(self, text: str, pad_id: int) -> list[int]:
         return self._pad_clip(self._clip_words(text), pad_id)
 
-    def _clip_words(self, text: str) -> list[int]:
-        """The prompt's tokens that fit in CLIP's 75 free places (warns about the rest)."""
+    def _clip_words(self, text: str, name: str = "prompt") -> list[int]:
+        """The prompt's tokens that fit in CLIP's 75 free places (warns about the rest, calling it ``name``)."""
         ids: list[int] = []
         words = _words(self.clip, text)
         for n, word in enumerate(words):
@@ -228,7 +228,7 @@ class SD3Tokenizer:
             if len(word) >= 8:                        # a very long word is split to fill the chunk
                 ids += word[: CLIP_LENGTH - 2 - len(ids)]
             dropped = self.clip.decode([t for w in words[n:] for t in w])
-            warnings.warn(f"prompt is longer than CLIP's 77 tokens and was truncated; dropped: {dropped!r}",
+            warnings.warn(f"{name} is longer than CLIP's 77 tokens and was truncated; dropped: {dropped!r}",
                           stacklevel=4)
             break
         return ids
@@ -237,25 +237,27 @@ class SD3Tokenizer:
     def _pad_clip(ids: list[int], pad_id: int) -> list[int]:
         return [CLIP_BOS] + ids + [CLIP_EOS] + [pad_id] * (CLIP_LENGTH - 2 - len(ids))
 
-    def t5_ids(self, text: str) -> list[int]:
+    def t5_ids(self, text: str, name: str = "prompt") -> list[int]:
         if len(text) > T5_MAX_CHARS:
-            warnings.warn(f"prompt is longer than {T5_MAX_CHARS} characters; T5 sees only the first "
+            warnings.warn(f"{name} is longer than {T5_MAX_CHARS} characters; T5 sees only the first "
                           f"{T5_MAX_CHARS}", stacklevel=3)
             text = text[:T5_MAX_CHARS]
         ids = [t for w in _words(self.t5, text) for t in w] + [self.t5.eos_token_id]
         return ids + [self.t5.pad_token_id] * max(0, T5_MIN_LENGTH - len(ids))
 
-    def __call__(self, prompts: str | list[str]) -> dict[str, torch.Tensor | None]:
-        """-> {"l": (B, 77), "g": (B, 77), "t5": (B, N) or None}; T5 rows are padded to the longest."""
+    def __call__(self, prompts: str | list[str], names: list[str] | None = None) -> dict[str, torch.Tensor | None]:
+        """-> {"l": (B, 77), "g": (B, 77), "t5": (B, N) or None}; T5 rows are padded to the longest.
+        ``names``: what each text is, for warnings ("prompt", "negative prompt"; default "prompt")."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        clip = [self._clip_words(p) for p in prompts]
+        names = names or ["prompt"] * len(prompts)
+        clip = [self._clip_words(p, name) for p, name in zip(prompts, names)]
         tokens = {
             "l": torch.tensor([self._pad_clip(ids, pad_id=CLIP_EOS) for ids in clip]),
             "g": torch.tensor([self._pad_clip(ids, pad_id=0) for ids in clip]),
             "t5": None,
         }
         if self.t5 is not None:
-            rows = [self.t5_ids(p) for p in prompts]
+            rows = [self.t5_ids(p, name) for p, name in zip(prompts, names)]
             n = max(map(len, rows))
             tokens["t5"] = torch.tensor([r + [self.t5.pad_token_id] * (n - len(r)) for r in rows])
         return tokens
@@ -302,5 +304,6 @@ class SD3TextEncoder(nn.Module):
         if t5 is not None and self.tokenizer.t5 is None:
             raise ValueError("a T5 encoder needs a T5 tokenizer: SD3Tokenizer(t5=...)")
 
-    def encode(self, prompts: str | list[str]):
-        return encode_prompt(self.tokenizer(prompts), self.clip_l, self.clip_g, self.t5, self.context_dim)
+    def encode(self, prompts: str | list[str], names: list[str] | None = None):
+        """``names``: what each text is, for the tokenizer's warnings (default "prompt")."""
+        return encode_prompt(self.tokenizer(prompts, names), self.clip_l, self.clip_g, self.t5, self.context_dim)

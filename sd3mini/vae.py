@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import num_blocks, prefix_of
+from .checks import ArgumentError
 
 
 @dataclass(frozen=True)
@@ -245,9 +246,31 @@ class SDVAE(nn.Module):
 
 
 # --- Images <-> tensors ---------------------------------------------------------------------------
+def rgb_image(image, name: str = "init_image") -> Image.Image:
+    """Any PIL image -> 8-bit RGB. PIL's own ``convert`` clips grey images of more than 8 bits (a 16-bit
+    50 % grey becomes white) and float ones (0.5 becomes black); those are scaled here instead: 16-bit by
+    1/257, 32-bit integers (mode I: no bit depth is declared) by the smallest of 2**8 - 1, 2**16 - 1,
+    2**32 - 1 that holds their largest value, floats (mode F) from [0, 1], refused outside it."""
+    if not hasattr(image, "size") or not hasattr(image, "convert"):
+        raise ArgumentError(f"{name} must be a PIL image, got {type(image).__name__}")
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        a = np.asarray(image).astype(np.float64)                     # (H, W)
+        lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)
+        if image.mode == "F" and not (np.isfinite(a).all() and 0 <= lo and hi <= 1):
+            raise ArgumentError(f"{name} is a float image (mode F) with values in [{lo:g}, {hi:g}]; sd3mini reads "
+                                "float images as [0, 1] (0 black, 1 white): rescale it")
+        if lo < 0:
+            raise ArgumentError(f"{name} is a 32-bit integer image (mode I) with negative values (down to {lo:g}); "
+                                "sd3mini reads integer images as 0 = black: rescale it")
+        top = 1 if image.mode == "F" else 65535 if image.mode.startswith("I;16") else \
+            next(2**bits - 1 for bits in (8, 16, 32, 64) if hi <= 2**bits - 1)
+        image = Image.fromarray(np.round(a / top * 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def image_to_tensor(image: Image.Image, width: int | None = None, height: int | None = None) -> torch.Tensor:
     """PIL image -> (1, 3, H, W) float32 in [-1, 1], resized with Lanczos when a size is given."""
-    image = image.convert("RGB")
+    image = rgb_image(image, "image")
     if width is not None and height is not None and image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)

@@ -7,6 +7,7 @@ caption vocabulary) and ``PixelSpace``, the identity "autoencoder" used in place
 """
 
 import json
+import math
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -62,16 +63,18 @@ class ToyTextEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(width)
         self.config = dict(width=width, layers=layers, heads=heads)
 
-    def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
-        """Prompts -> (B, 16) ids; unknown words become <unk> with a warning that names them."""
+    def tokenize(self, prompts: str | list[str], names: list[str] | None = None) -> torch.Tensor:
+        """Prompts -> (B, 16) ids; unknown words become <unk> with a warning that names them. ``names``:
+        what each text is, for the warnings ("prompt", "negative prompt"; default "prompt")."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        index = {w: i for i, w in enumerate(VOCAB)}
+        names = names or ["prompt"] * len(prompts)
+        index = {w: i for i, w in enumerate(VOCAB) if w not in SPECIALS}   # "<eos>" typed is a word like any
         rows, unknown = [], set()
-        for p in prompts:
+        for p, name in zip(prompts, names):
             words = p.lower().replace(",", " ").split()
             unknown |= {w for w in words if w not in index}
             if len(words) > MAX_TOKENS - 2:         # as the real encoders: truncate, and say what was dropped
-                warnings.warn(f"prompt is longer than the tiny model's {MAX_TOKENS - 2} words and was truncated; "
+                warnings.warn(f"{name} is longer than the tiny model's {MAX_TOKENS - 2} words and was truncated; "
                               f"dropped: {' '.join(words[MAX_TOKENS - 2:])!r}", stacklevel=3)
             ids = [1] + [index.get(w, 3) for w in words][: MAX_TOKENS - 2] + [2]
             rows.append(ids + [0] * (MAX_TOKENS - len(ids)))
@@ -88,9 +91,9 @@ class ToyTextEncoder(nn.Module):
         x = self.final_norm(x)
         return x, x[torch.arange(len(tokens), device=tokens.device), (tokens == 2).int().argmax(dim=1)]
 
-    def encode(self, prompts: str | list[str]):
+    def encode(self, prompts: str | list[str], names: list[str] | None = None):
         """The pipeline's interface: prompts -> (context (B, 16, W), pooled (B, W))."""
-        return self(self.tokenize(prompts))
+        return self(self.tokenize(prompts, names))
 
 
 ORDER_PAIR = ("a red circle above a blue square", "a blue square above a red circle")   # same words, other order
@@ -150,8 +153,12 @@ def load_toy(path=None, device="cpu"):
     text_sd = {k[5:]: v for k, v in sd.items() if k.startswith("text.")}
     mmdit_cfg = _check_mmdit_shapes(path, meta, mmdit_sd)     # from the header alone: nothing is allocated yet
     _check_text_shapes(path, meta, text_sd)
+    _check_values(path, meta, mmdit_cfg)
+    _check_size(path, mmdit_sd | text_sd)
+    # Built on the CPU (the meta device's initializers import torch._dynamo: +1.3 s a run); ``build`` then
+    # copies the file into it tensor by tensor, so the initial and the loaded weights never coexist.
     mmdit = build(lambda: MMDiT(mmdit_cfg), mmdit_sd,
-                  what="tiny MM-DiT", device=device, dtype=torch.float32, meta=False)   # 5 MB: the CPU is quicker
+                  what="tiny MM-DiT", device=device, dtype=torch.float32, meta=False)
     text = build(lambda: ToyTextEncoder(**_text_config(path, meta)), text_sd,
                  what="tiny text encoder", device=device, dtype=torch.float32, meta=False)
     return mmdit, text, meta
@@ -178,11 +185,16 @@ def toy_metadata(path) -> dict:
     if raw is None:
         looks = describe_checkpoint(open_state_dict(path))
         raise CheckpointError(f"{path} is not a tiny-model checkpoint (no sd3mini_toy metadata); it looks like {looks}")
+    if not isinstance(raw, str):                  # safetensors metadata maps strings to strings
+        raise CheckpointError(f"{path}: its sd3mini_toy metadata is a JSON {type(raw).__name__}, not a string "
+                              "holding JSON (as safetensors metadata must be)")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: its sd3mini_toy metadata is not valid JSON ({e})") from None
-    missing = [k for k in TOY_META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its sd3mini_toy metadata is a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in TOY_META_KEYS if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: its sd3mini_toy metadata lacks {', '.join(missing)}")
     return meta
@@ -229,6 +241,51 @@ def _check_text_shapes(path, meta: dict, sd: dict):
     if not ok:
         raise CheckpointError(f"{path}: its metadata describes a text encoder ({text!r:.120}) that its tensors "
                               "do not hold")
+
+
+# The shipped model has 2.7 M parameters; train-toy refuses recipes above this, and load_toy files above
+# it, so that a small file cannot make sd3mini allocate gigabytes (200 MB in float32 at the cap).
+TOY_MAX_PARAMS = 50_000_000
+
+
+def _check_size(path, sd: dict):
+    from ..checkpoint import CheckpointError
+
+    n = sum(math.prod(t.shape) for t in sd.values())
+    if n > TOY_MAX_PARAMS:
+        raise CheckpointError(f"{path} holds a tiny model of {n / 1e6:,.1f} M parameters; sd3mini loads tiny models "
+                              f"of at most {TOY_MAX_PARAMS / 1e6:.0f} M (the shipped one has 2.7 M)")
+
+
+def _check_values(path, meta: dict, cfg: MMDiTConfig):
+    """Every value the pipeline uses, each with a message that names the file: shapes are not enough."""
+    from ..checkpoint import CheckpointError
+    from ..checks import ArgumentError, check_cfg, check_choice, check_int, check_number, check_shift
+    from ..sampling import SAMPLERS
+
+    text, defaults = meta["text"], meta["defaults"]
+    try:
+        if not isinstance(defaults, dict):
+            raise ArgumentError(f"defaults must be an object (steps, cfg_scale, shift, sampler), got {defaults!r:.60}")
+        missing = [k for k in ("steps", "cfg_scale", "shift", "sampler") if k not in defaults]
+        if missing:
+            raise ArgumentError(f"defaults lacks {', '.join(missing)}")
+        check_int("defaults steps", defaults["steps"], minimum=1)
+        check_cfg("defaults cfg_scale", defaults["cfg_scale"])
+        check_shift("defaults shift", defaults["shift"])
+        check_choice("defaults sampler", defaults["sampler"], SAMPLERS)
+        for name in ("width", "layers", "heads"):
+            check_int(f"text {name}", text.get(name, 2), minimum=1)
+        if set(text) - {"width", "layers", "heads", "pool"}:
+            raise ArgumentError(f"text has unknown settings {sorted(set(text) - {'width', 'layers', 'heads', 'pool'})}")
+        check_number("latent_scale", meta["latent_scale"], above=0)      # 0 would divide the output by zero
+        check_number("latent_shift", meta["latent_shift"])
+        check_int("image_size", meta["image_size"], minimum=cfg.patch_size, maximum=cfg.pos_embed_max_size
+                  * cfg.patch_size)
+        if meta["image_size"] % cfg.patch_size:
+            raise ArgumentError(f"image_size {meta['image_size']} is not a multiple of the patch size {cfg.patch_size}")
+    except ArgumentError as e:
+        raise CheckpointError(f"{path}: its sd3mini_toy metadata is invalid: {e}") from None
 
 
 def pipeline_of(mmdit, text, latent_scale: float, latent_shift: float, defaults: dict, device="cpu",
