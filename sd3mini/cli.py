@@ -4,14 +4,17 @@ import argparse
 import contextlib
 import math
 import os
+import random
 import sys
+import tempfile
+import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from .checks import ArgumentError, Parser, check_int, check_number, check_seed
+from .checks import ArgumentError, Parser, check_cfg, check_int, check_seed, check_shift, output_size
 from .pipeline import OFFLOAD_MODES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,31 +56,39 @@ def _text_lines(sd) -> list[str]:
 
     bundled = [k for k in ("clip_l", "clip_g", "t5xxl") if any(key.startswith(f"text_encoders.{k}.") for key in sd)]
     if not bundled and "text_model.embeddings.token_embedding.weight" in sd:    # a standalone CLIP file
-        bundled = [clip_shape(sd)["kind"] or "clip_l"]
+        bundled = [clip_shape(sd)["kind"] or "clip"]      # another width than CLIP-L's or CLIP-G's: either
     if not bundled and "encoder.block.0.layer.0.SelfAttention.q.weight" in sd:
         bundled = ["t5xxl"]
     lines = []
     for kind in bundled:
-        tsd = text_encoder_state_dict(sd, kind)
+        tsd = text_encoder_state_dict(sd, "clip_g" if kind == "clip" else kind)   # (clip_g: nothing added)
         if kind == "t5xxl":
             c = T5TextEncoder.config_from_state_dict(tsd)
             desc = f"{c.num_layers} layers, width {c.d_model}, {c.num_heads} heads, ff {c.d_ff}"
         else:
             c = CLIPTextEncoder.config_from_state_dict(tsd, kind)
-            desc = f"{c.num_hidden_layers} layers, width {c.hidden_size}"
+            desc = f"{c.num_hidden_layers} layers, width {c.hidden_size}" + (
+                " (neither CLIP-L's 768 nor CLIP-G's 1280)" if kind == "clip" else "")
         n = sum(math.prod(t.shape) for k, t in tsd.items() if k != "encoder.embed_tokens.weight")
         lines.append(f"  text encoder {kind}: {n / 1e6:,.1f} M parameters, {desc}")
     return lines
 
 
 def info(path: str) -> str:
-    """Describe a checkpoint from its header alone: detected model, configuration, parameters, dtypes."""
-    from .checkpoint import CheckpointError, describe_checkpoint, open_state_dict
+    """Describe a checkpoint from its header alone: detected model, configuration, parameters, dtypes.
+    A diffusers folder: each of its components."""
+    from .checkpoint import CheckpointError, describe_checkpoint, open_state_dict, safetensors_files
+    from .pipeline import DIFFUSERS_FOLDERS
 
+    root = Path(path)
+    if root.is_dir() and all((root / d).is_dir() for d in DIFFUSERS_FOLDERS):
+        parts = sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.safetensors")))
+        return "\n".join([f"{path}: a diffusers folder"] + [info(str(d)) for d in parts])
     sd = open_state_dict(path)
     total = sum(math.prod(t.shape) for t in sd.values())
     dtypes = Counter(str(t.dtype).replace("torch.", "") for t in sd.values())
-    lines = [f"{path}", f"  {len(sd)} tensors, {total / 1e6:,.1f} M values; dtypes: "
+    files = "" if root.is_file() else f" ({', '.join(f.name for f in safetensors_files(root))})"
+    lines = [f"{path}{files}", f"  {len(sd)} tensors, {total / 1e6:,.1f} M values; dtypes: "
              + ", ".join(f"{d} ({n})" for d, n in dtypes.most_common()),
              f"  contents: {describe_checkpoint(sd)}"]
     for part in (_mmdit_lines, _vae_lines):          # each part that the file holds
@@ -88,11 +99,12 @@ def info(path: str) -> str:
     return "\n".join(lines + _text_lines(sd))
 
 
-def load_pipeline(args):
-    """The pipeline ``generate`` runs: the shipped tiny model when no --ckpt is given."""
+def load_pipeline(args, init=None):
+    """The pipeline ``generate`` runs: the shipped tiny model when no --ckpt is given. For an SD3 checkpoint,
+    the options and the sizes its header settles are checked before anything is loaded."""
     from .checkpoint import file_metadata
     from .loading import HUB_MODELS
-    from .pipeline import SD3Pipeline, looks_like_repo
+    from .pipeline import SD3Pipeline, diffusers_root, looks_like_repo
     from .toy.model import toy_pipeline
 
     ckpt = Path(args.ckpt) if args.ckpt is not None else None
@@ -106,10 +118,76 @@ def load_pipeline(args):
     kwargs = dict(device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload, no_t5=args.no_t5)
     # owner/name is a Hub repository unless a folder "owner" is here: then it is a mistyped local path
     hub_id = not ckpt.exists() and not ckpt.parent.is_dir() and looks_like_repo(args.ckpt)
-    if ckpt.is_dir() or (args.ckpt not in HUB_MODELS and hub_id):
-        return SD3Pipeline.from_pretrained(args.ckpt, **kwargs)
+    diffusers = ckpt.is_dir() or (args.ckpt not in HUB_MODELS and hub_id)
+    check_sd3_options(args, diffusers)
+    if diffusers:
+        root = diffusers_root(args.ckpt, no_t5=args.no_t5)              # a Hub repository is downloaded here
+        check_size_from_header(args, init, root / "transformer", root / "vae")
+        return SD3Pipeline.from_pretrained(root, **kwargs)
+    check_size_from_header(args, init, args.ckpt, args.ckpt)
     return SD3Pipeline.from_single_file(args.ckpt, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
                                         tokenizer=args.tokenizer, **kwargs)
+
+
+def check_sd3_options(args, diffusers: bool):
+    """Refuse, never ignore, the options that an SD3 checkpoint of this kind would not use."""
+    given = [f"--{name.replace('_', '-')}" for name in ("clip_l", "clip_g", "t5xxl", "tokenizer")
+             if getattr(args, name) is not None]
+    if diffusers and given:
+        raise ArgumentError(f"{', '.join(given)} do{'es' * (len(given) == 1)} not apply to a diffusers folder or "
+                            "Hub repository: it has its own text encoders and tokenizers (pass an official single "
+                            "file as --ckpt to choose them)")
+    if args.no_t5 and args.t5xxl is not None:
+        raise ArgumentError("--t5xxl and --no-t5 contradict each other: --no-t5 runs without T5; leave out one")
+    if args.no_t5 and args.tokenizer is not None and not (Path(args.tokenizer) / "tokenizer").is_dir():
+        raise ArgumentError("--tokenizer (the T5 tokenizer) does not apply with --no-t5, which runs without T5")
+
+
+# The official models' MM-DiTs (in their Hub files): their size rules, before a download.
+def _hub_configs():
+    from .mmdit import MMDiTConfig
+
+    return {"sd3_medium": MMDiTConfig.sd3_medium(), "sd3.5_large": MMDiTConfig.sd3_5_large(),
+            "sd3.5_large_turbo": MMDiTConfig.sd3_5_large(), "sd3.5_medium": MMDiTConfig.sd3_5_medium()}
+
+
+def check_size_from_header(args, init, mmdit_src, vae_src):
+    """The image and picture sizes, from the MM-DiT's and the VAE's headers (or the official model's
+    configuration, by name), before anything is loaded: the same rules as ``SD3Pipeline.output_size``."""
+    from .checkpoint import CheckpointError, state_dict_of
+    from .loading import HUB_MODELS, mmdit_state_dict, vae_state_dict
+    from .mmdit import MMDiTConfig
+    from .vae import VAEConfig
+
+    downscale = 8                                      # SD3's VAE
+    if str(mmdit_src) in HUB_MODELS and not Path(str(mmdit_src)).exists():
+        config = _hub_configs()[str(mmdit_src)]
+    else:
+        try:
+            config = MMDiTConfig.from_state_dict(mmdit_state_dict(state_dict_of(mmdit_src)))
+            downscale = 2 ** (len(VAEConfig.from_state_dict(vae_state_dict(state_dict_of(vae_src))).ch_mult) - 1)
+        except (CheckpointError, KeyError, OSError):
+            return                                     # not SD3 as it should be: the loader says what it is
+    pixels = config.patch_size * downscale
+    max_size = config.pos_embed_max_size * pixels
+    width, height = output_size(args.width, args.height, None if init is None else init.size, multiple=pixels,
+                                max_size=max_size, default=min(1024, max_size))
+    picture_size(args, width, height, args.upscale or 1)
+
+
+# The largest picture generate writes, per side: WebP's limit, and 0.8 GB as 8-bit RGB.
+MAX_PICTURE = 16383
+
+
+def picture_size(args, width: int, height: int, upscale: int) -> tuple[int, int]:
+    """The saved picture's (width, height): --grid images with 2-pixel white lines, --upscale times."""
+    side = lambda v: args.grid * v * upscale + (args.grid - 1) * 2 * upscale  # noqa: E731
+    size = side(width), side(height)
+    if max(size) > MAX_PICTURE:
+        raise ArgumentError(f"the picture would be {size[0]}x{size[1]} pixels (--grid {args.grid} of {width}x{height}"
+                            f", shown {upscale}x); the most generate writes is {MAX_PICTURE} a side: lower --grid "
+                            "or --upscale")
+    return size
 
 
 def check_toy_options(args):
@@ -130,19 +208,30 @@ def check_toy_options(args):
 
 
 def check_output(path: Path, force: bool):
-    """The output can be written, before anything is sampled: an existing folder, a known image extension,
-    not a folder itself, and not an existing file unless --force."""
+    """The output can be written, before anything is sampled: an existing, writable folder, an image
+    extension PIL can write, not a folder itself, and not an existing file unless --force."""
     from PIL import Image
 
     if path.is_dir():
         raise ArgumentError(f"--output {path} is a folder; give a file name such as {path / 'out.png'}")
     if not path.parent.is_dir():
         raise ArgumentError(f"--output {path}: the folder {path.parent} does not exist")
-    if path.suffix.lower() not in Image.registered_extensions():
+    Image.init()                                       # every plugin: its extensions and its writer
+    kind = Image.registered_extensions().get(path.suffix.lower())
+    if kind is None:
         raise ArgumentError(f"--output {path}: unknown image extension {path.suffix or '(none)'!r}; use .png, "
                             ".jpg or .webp")
+    if kind not in Image.SAVE:
+        raise ArgumentError(f"--output {path}: PIL reads {path.suffix} ({kind}) images but cannot write them; use "
+                            ".png, .jpg or .webp")
     if path.exists() and not force:
         raise ArgumentError(f"--output {path} exists; pass --force to overwrite it, or choose another name")
+    try:                                               # a probe, not os.access: root passes that on /sys
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ArgumentError(f"--output {path}: cannot write in {path.parent} ({e.strerror})") from None
 
 
 def check_generate_args(args):
@@ -152,9 +241,9 @@ def check_generate_args(args):
             check_int(f"--{name}", getattr(args, name), minimum=1)
     check_int("--grid", args.grid, minimum=1)
     if args.cfg is not None:
-        check_number("--cfg", args.cfg, minimum=0)
+        check_cfg("--cfg", args.cfg)
     if args.shift is not None:
-        check_number("--shift", args.shift, above=0)
+        check_shift("--shift", args.shift)
     if args.seed is not None:
         check_seed(args.seed, args.grid**2, name="--seed")
     if args.denoise is not None:
@@ -168,52 +257,89 @@ def check_generate_args(args):
 
 
 def open_image(path):
+    """The --init-image as 8-bit RGB (16-bit and float images scaled, not clipped)."""
     from PIL import Image, UnidentifiedImageError
+
+    from .vae import rgb_image
 
     try:
         image = Image.open(path)
         image.load()
     except (UnidentifiedImageError, OSError) as e:
         raise ArgumentError(f"--init-image {path} is not an image that PIL can read ({e})") from None
-    return image
+    return rgb_image(image, f"--init-image {path}")
+
+
+# Images per batch in a grid: as many as fit in four 1024 x 1024 images (what SD3 handles at once), at most 64.
+GRID_BATCH_PIXELS, GRID_BATCH_MAX = 4 * 1024 * 1024, 64
+
+
+def grid_batches(n: int, pixels: int) -> list[tuple[int, int]]:
+    """(first, count) of each batch of an ``n``-image grid: memory does not grow with n. The batches are
+    even (64 + 1 would be 33 + 32): a batch's size changes a CPU kernel's rounding, and a grid drawn in
+    batches of 8 or more came out byte-identical to one batch (a batch of 1 did not)."""
+    per = max(1, min(GRID_BATCH_MAX, GRID_BATCH_PIXELS // pixels))
+    batches = -(-n // per)
+    counts = [n // batches + (i < n % batches) for i in range(batches)]
+    return [(sum(counts[:i]), c) for i, c in enumerate(counts)]
 
 
 def generate(args) -> Path:
-    from PIL import Image, PngImagePlugin
+    from PIL import Image
 
     from .pipeline import image_grid
 
     check_generate_args(args)
     init = open_image(args.init_image) if args.init_image else None
-    pipe = load_pipeline(args)
+    pipe = load_pipeline(args, init)
     n = args.grid**2
+    width, height = pipe.output_size(args.width, args.height, init)
+    upscale = args.upscale or (4 if pipe.model == "toy" else 1)
+    picture = Image.new("RGB", picture_size(args, width, height, upscale), "white")   # white lines between images
     steps = args.steps if args.steps is not None else pipe.defaults["steps"]
     long_run = pipe.model != "toy" or n * steps >= TOY_QUIET_EVALUATIONS
-    images = pipe([args.prompt] * n, args.negative, width=args.width, height=args.height, steps=args.steps,
-                  cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, init_image=init,
-                  denoise=args.denoise, slg=True if args.slg else None, progress=long_run)
-    upscale = args.upscale or (4 if pipe.model == "toy" else 1)
-    picture = image_grid(images, args.grid, upscale=upscale, gap=2 * upscale)   # white lines between images
+    seed = args.seed if args.seed is not None else random.randrange(2**31)           # image i: seed + i
+    for first, count in grid_batches(n, width * height):
+        images = pipe([args.prompt] * count, args.negative, width=args.width, height=args.height, steps=args.steps,
+                      cfg_scale=args.cfg, shift=args.shift, sampler=args.sampler, seed=seed + first,
+                      init_image=init, denoise=args.denoise, slg=True if args.slg else None, progress=long_run)
+        image_grid(images, args.grid, upscale=upscale, gap=2 * upscale, canvas=picture, first=first)
+        if first == 0:
+            parameters = images[0].info["parameters"]
     out = Path(args.output)
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", images[0].info["parameters"] + (f"; grid {args.grid}x{args.grid}, seeds "
-                                                                  f"{pipe.last_seed}..{pipe.last_seed + n - 1}" if n > 1 else ""))
-    tmp = out.with_name(f".{out.name}.tmp")             # written whole, then renamed: never half an image
-    try:
-        picture.save(tmp, format=Image.registered_extensions()[out.suffix.lower()], pnginfo=meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    size = f"{images[0].width}x{images[0].height}" + (f", shown {upscale}x" if upscale > 1 else "")
-    print(f"wrote {out}: {n} image{'s' * (n > 1)} of {size} ({pipe.model} model, seed {pipe.last_seed})")
+    save_picture(picture, out, parameters + (f"; grid {args.grid}x{args.grid}, seeds {seed}..{seed + n - 1}"
+                                             if n > 1 else ""))
+    size = f"{width}x{height}" + (f", shown {upscale}x" if upscale > 1 else "")
+    print(f"wrote {out}: {n} image{'s' * (n > 1)} of {size} ({pipe.model} model, seed {seed})")
     return out
+
+
+def save_picture(picture, out: Path, parameters: str):
+    """Written whole under a unique temporary name, then renamed: never half an image, even with two runs
+    writing the same file. The parameters go in a PNG text chunk, or for JPEG and WebP in the EXIF
+    UserComment (UTF-16, as other tools write it)."""
+    from PIL import Image, PngImagePlugin
+
+    from .checkpoint import written_whole
+
+    kind = Image.registered_extensions()[out.suffix.lower()]
+    options = {}
+    if kind in ("JPEG", "WEBP"):
+        exif = Image.Exif()
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + parameters.encode("utf-16-be")   # Exif IFD: UserComment
+        options["exif"] = exif
+    else:
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        options["pnginfo"].add_text("parameters", parameters)
+    with written_whole(out) as tmp:
+        picture.save(tmp, format=kind, **options)
 
 
 # The tiny model runs ~100 model evaluations a second on one core: below this many, no progress bar.
 TOY_QUIET_EVALUATIONS = 2000
 
 EPILOG = """Errors print one line, "error: ...", and exit with 2 for a bad option (usage) or 1 when a run fails
-(a file that cannot be loaded, the Hub, numerics); --debug shows the traceback instead."""
+(a file that cannot be loaded, the Hub, numerics); --debug shows the traceback before it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,12 +390,12 @@ def main(argv=None):
         return e.code if isinstance(e.code, int) else int(e.code is not None)
     except KeyboardInterrupt:
         if debug:
-            raise
+            traceback.print_exc()
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:                              # noqa: BLE001  (the CLI's one place for every failure)
-        if debug:
-            raise
+        if debug:                                       # the traceback, and still the status of the error
+            traceback.print_exc()
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, ArgumentError) else 1
 

@@ -9,6 +9,7 @@ negative prompt, draw seeded noise on the CPU, sample with CFG, ``process_out``,
 """
 
 import gc
+import inspect
 import random
 import re
 from contextlib import contextmanager
@@ -17,14 +18,15 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, open_state_dict, state_dict_of
-from .checks import ArgumentError, check_choice, check_int, check_prompts, check_seed
+from .checks import ArgumentError, check_choice, check_dtype, check_prompts, check_seed, output_size
+from .checks import check_size  # noqa: F401  (chapter 4 calls sd3mini.pipeline.check_size)
 from .flow import LATENT_SCALE, LATENT_SHIFT, process_in, process_out
-from .loading import (TEXT_ENCODERS, check_text_encoders, download, hub_download, load_mmdit, load_text_encoder,
-                      load_vae, mmdit_state_dict, vae_state_dict)
+from .loading import (TEXT_ENCODERS, check_text_encoders, download, find_text_encoder, hub_download, load_mmdit,
+                      load_text_encoder, load_vae, mmdit_state_dict, vae_state_dict)
 from .mmdit import MMDiTConfig
 from .sampling import check_sampling, check_slg, make_noise, sample
 from .text import SD3TextEncoder, SD3Tokenizer, clip_tokenizer, load_tokenizer
-from .vae import VAEConfig, image_to_tensor, tensor_to_images
+from .vae import VAEConfig, image_to_tensor, rgb_image, tensor_to_images
 
 # Defaults per model, from the reference's sd3_infer.CONFIGS. SD3-medium: shift 3.0, not the 1.0 of
 # the sd3.5 repository's CONFIGS: the SD3 release reference (sd3-ref) says "publicly released models
@@ -61,22 +63,17 @@ def default_dtype(device) -> torch.dtype:
     return torch.float32
 
 
-def check_size(width: int, height: int, multiple: int, max_size: int):
-    """Raise an ArgumentError (a ValueError) that names the nearest valid sizes."""
-    for name, v in (("width", width), ("height", height)):
-        check_int(name, v)
-        if v < multiple:
-            raise ArgumentError(f"{name} must be at least {multiple}, got {v}")
-        if v % multiple:
-            lo = max(multiple, v // multiple * multiple)
-            raise ArgumentError(f"{name} {v} is not a multiple of {multiple}; the nearest valid sizes are {lo} and {lo + multiple}")
-        if v > max_size:
-            raise ArgumentError(f"{name} {v} is larger than this model supports: the maximum is {max_size} pixels")
-
-
 def check_finite(name: str, t: torch.Tensor, hint: str):
     if not torch.isfinite(t).all():
         raise FloatingPointError(f"{name} produced inf/NaN values ({t.dtype}). {hint}")
+
+
+def overflow_hint(dtype: torch.dtype, device) -> str:
+    """What to try when the MM-DiT overflows: another dtype only helps a run in float16."""
+    if dtype == torch.float16:
+        return "Use bf16 (an Ampere or newer GPU) or float32."
+    return (f"It ran in {str(dtype).replace('torch.', '')} on {torch.device(device).type}, which does not overflow "
+            "on sensible inputs: lower cfg_scale, or check the weights.")
 
 
 class SD3Pipeline:
@@ -114,6 +111,8 @@ class SD3Pipeline:
         """
         from .loading import HUB_MODELS
 
+        if no_t5 and t5xxl is not None:
+            raise ArgumentError(f"t5xxl={str(t5xxl)!r} and no_t5=True contradict each other; pass one of them")
         _check_checkpoint_name(path)
         if str(path) in HUB_MODELS and not Path(str(path)).exists():
             kinds = tuple(k for k in TEXT_ENCODERS if not (k == "t5xxl" and no_t5))
@@ -127,7 +126,7 @@ class SD3Pipeline:
         sources = {"mmdit": path, "vae": path}
         for kind, given in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl)):
             if not (kind == "t5xxl" and no_t5):
-                found = given or _find_text_encoder(sd, Path(path), kind)
+                found = given or find_text_encoder(sd, Path(path), kind)
                 sources[kind] = path if found is sd else found
         del sd
         tokenizer = _tokenizer(tokenizer, need_t5=not no_t5, token=token)
@@ -138,14 +137,7 @@ class SD3Pipeline:
                         token=None) -> "SD3Pipeline":
         """A diffusers-format folder (``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``), or a
         Hub repository in that layout (e.g. stabilityai/stable-diffusion-3-medium-diffusers)."""
-        root = Path(str(path_or_repo))
-        if root.is_dir():
-            _check_diffusers_folder(root)
-        else:
-            _check_repo_id(str(path_or_repo))
-            patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
-                        "tokenizer/*", "tokenizer_2/*"] + ([] if no_t5 else ["text_encoder_3/*", "tokenizer_3/*"])
-            root = hub_download(str(path_or_repo), token=token, allow_patterns=patterns)
+        root = diffusers_root(path_or_repo, no_t5=no_t5, token=token)
         sources = {"mmdit": root / "transformer", "vae": root / "vae", "clip_l": root / "text_encoder",
                    "clip_g": root / "text_encoder_2"}
         if not no_t5 and (root / "text_encoder_3").is_dir():
@@ -162,6 +154,7 @@ class SD3Pipeline:
         memory-mapped file straight onto the device right before its stage and freed after it.
         """
         check_choice("offload", offload, OFFLOAD_MODES)        # before anything is loaded
+        check_dtype("dtype", dtype)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or default_dtype(device)
         place = device if offload != "model" else torch.device("cpu")
@@ -233,7 +226,8 @@ class SD3Pipeline:
                        denoise=denoise if init_image is not None else 1.0)
         cfg = self.mmdit.config
         slg = self._slg(slg, cfg.depth)
-        width, height = self._size(width, height, init_image)
+        init_image = None if init_image is None else rgb_image(init_image)     # 8-bit RGB, or refused now
+        width, height = self.output_size(width, height, init_image)
         seed = random.randrange(2**31) if seed is None else check_seed(seed, len(prompts))
         self.last_seed = seed
 
@@ -258,24 +252,14 @@ class SD3Pipeline:
                                      f"size: {width}x{height}; model: {self.model}")
         return images
 
-    def _size(self, width, height, init_image):
-        """The image size: given, or the init image's (rounded down to a multiple of 16), or the default."""
+    def output_size(self, width=None, height=None, init_image=None) -> tuple[int, int]:
+        """The (width, height) a call makes: as given; a side not given is the init image's, rounded down
+        to the model's multiple (its patch in pixels), else the default. Refused if the model cannot."""
         cfg = self.mmdit.config
         pixels = cfg.patch_size * self.vae.downscale                  # per patch side
-        multiple, max_size = pixels, cfg.pos_embed_max_size * pixels
-        if init_image is not None:
-            if not hasattr(init_image, "size") or not hasattr(init_image, "convert"):
-                raise ArgumentError(f"init_image must be a PIL image, got {type(init_image).__name__}")
-            if width is None or height is None:
-                if min(init_image.size) < 16:
-                    raise ArgumentError(f"init_image is {init_image.size[0]}x{init_image.size[1]} pixels; without "
-                                        "width and height its size, rounded down to a multiple of 16, is the "
-                                        "output size, so it must be at least 16x16 (or pass width and height)")
-                width, height = (v // 16 * 16 for v in init_image.size)
-        width = width if width is not None else (self.default_size or min(1024, max_size))   # official: 1024
-        height = height if height is not None else width
-        check_size(width, height, multiple, max_size)
-        return width, height
+        max_size = cfg.pos_embed_max_size * pixels
+        return output_size(width, height, None if init_image is None else init_image.size, multiple=pixels,
+                           max_size=max_size, default=self.default_size or min(1024, max_size))  # official: 1024
 
     @staticmethod
     def _slg(slg, depth: int):
@@ -293,7 +277,12 @@ class SD3Pipeline:
     def _encode_text(self, prompts, negatives):
         """Prompts (and negative prompts, encoded like any prompt) -> cond, uncond = (context, pooled)."""
         with self._stage(self.text_encoder) as te:
-            context, pooled = te.encode(prompts + (negatives or []))
+            texts = prompts + (negatives or [])
+            if "names" in inspect.signature(te.encode).parameters:     # sd3mini's: a warning names its text
+                names = ["prompt"] * len(prompts) + ["negative prompt"] * len(negatives or [])
+                context, pooled = te.encode(texts, names=names)
+            else:                                                       # any other encode(prompts)
+                context, pooled = te.encode(texts)
         check_finite("the text encoder", context, "T5-XXL overflows in float16: load it with dtype=torch.float16 "
                      "through sd3mini (its feed-forward outputs stay float32), in bfloat16, or in float32.")
         context, pooled = context.to(self.device), pooled.to(self.device)
@@ -309,7 +298,8 @@ class SD3Pipeline:
     def _denoise(self, noise, cond, uncond, **kwargs):
         with self._stage(self.mmdit) as mmdit:
             latent = sample(mmdit, noise, cond, uncond, **kwargs)
-        check_finite("the MM-DiT", latent, "Use bf16 (an Ampere or newer GPU) or float32.")
+            hint = overflow_hint(_dtype(mmdit), self.device)
+        check_finite("the MM-DiT", latent, hint)
         return latent
 
     def _decode(self, latent):
@@ -347,14 +337,15 @@ def free_memory(device):
         torch.cuda.empty_cache()
 
 
-def image_grid(images, cols: int, upscale: int = 1, gap: int = 0):
-    """PIL images -> one picture, ``cols`` per row, each enlarged ``upscale`` times (nearest neighbour)."""
+def image_grid(images, cols: int, upscale: int = 1, gap: int = 0, *, canvas=None, first: int = 0):
+    """PIL images -> one picture, ``cols`` per row, each enlarged ``upscale`` times (nearest neighbour).
+    ``canvas``: paste into this picture instead, from cell ``first`` on (a grid drawn in parts)."""
     from PIL import Image
 
     w, h = images[0].width * upscale, images[0].height * upscale
     rows = -(-len(images) // cols)
-    grid = Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
-    for i, im in enumerate(images):
+    grid = canvas or Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
+    for i, im in enumerate(images, first):
         grid.paste(im.resize((w, h), Image.NEAREST), ((i % cols) * (w + gap), (i // cols) * (h + gap)))
     return grid
 
@@ -366,21 +357,6 @@ def _dtype(module) -> torch.dtype:
 def _vae_dtype(dtype):
     """float16 VAEs can overflow (black images); decode in float32 when the rest runs in float16."""
     return torch.float32 if dtype == torch.float16 else dtype
-
-
-def _find_text_encoder(sd: dict, path: Path, kind: str):
-    """A text encoder bundled in the single file, or a standalone file beside it (the Hub layout)."""
-    if any(k.startswith(f"text_encoders.{kind}.") for k in sd):
-        return sd
-    names = {"clip_l": ["clip_l.safetensors"], "clip_g": ["clip_g.safetensors"],
-             "t5xxl": ["t5xxl_fp16.safetensors", "t5xxl.safetensors", "t5xxl_fp32.safetensors"]}[kind]
-    for folder in (path.parent / "text_encoders", path.parent):
-        for name in names:
-            if (folder / name).is_file():
-                return folder / name
-    raise FileNotFoundError(
-        f"no {kind} text encoder: {path.name} does not bundle one and there is no {names[0]} in "
-        f"{path.parent / 'text_encoders'}. Pass {kind}=PATH, or no_t5=True to run without T5.")
 
 
 DIFFUSERS_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")
@@ -418,6 +394,19 @@ def _check_checkpoint_name(path):
 def looks_like_repo(name: str) -> bool:
     """A Hub repository id (owner/name), not a file name."""
     return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith(".safetensors")
+
+
+def diffusers_root(path_or_repo, *, no_t5: bool = False, token=None) -> Path:
+    """The folder ``from_pretrained`` loads: a local diffusers folder (checked), or a Hub repository's
+    files, downloaded (without T5 when ``no_t5``)."""
+    root = Path(str(path_or_repo))
+    if root.is_dir():
+        _check_diffusers_folder(root)
+        return root
+    _check_repo_id(str(path_or_repo))
+    patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
+                "tokenizer/*", "tokenizer_2/*"] + ([] if no_t5 else ["text_encoder_3/*", "tokenizer_3/*"])
+    return hub_download(str(path_or_repo), token=token, allow_patterns=patterns)
 
 
 def _check_repo_id(name: str):
