@@ -29,12 +29,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, file_metadata, open_state_dict, save_state_dict
-from ..checks import ArgumentError, Parser, check_choice, check_int, check_number
+from ..checkpoint import CheckpointError, FolderLock, file_metadata, open_state_dict, save_state_dict
+from ..checks import ArgumentError, Parser, check_cfg, check_choice, check_int, check_number, check_shift
 from ..flow import TIMESTEP_SAMPLERS, flow_matching_loss, interpolate, process_in, sample_t, time_shift
 from ..mmdit import MMDiT
 from . import data
-from .model import ToyTextEncoder, toy_mmdit_config
+from .model import TOY_MAX_PARAMS, ToyTextEncoder, toy_mmdit_config
 
 
 @dataclass
@@ -78,12 +78,19 @@ PRESETS = {
 }
 
 
-def recipe_from(stored: dict) -> Recipe:
-    """A recipe stored in a checkpoint. Runs before 2026-12 also stored ``text_pool``, always "eos", the
-    only pooling left."""
+def recipe_from(stored: dict, path=None) -> Recipe:
+    """A recipe stored in a checkpoint (``path``, for messages). Runs before 2026-12 also stored
+    ``text_pool``, always "eos", the only pooling left."""
+    where = f"{path}: " if path is not None else ""
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{where}its recipe is a JSON {type(stored).__name__}, not an object")
     stored = dict(stored)
     if stored.pop("text_pool", "eos") != "eos":
-        raise CheckpointError("this run pooled its text by the mean, which sd3mini no longer supports")
+        raise CheckpointError(f"{where}this run pooled its text by the mean, which sd3mini no longer supports")
+    unknown = sorted(set(stored) - {f.name for f in fields(Recipe)})
+    if unknown:
+        raise CheckpointError(f"{where}its recipe has {', '.join(map(repr, unknown))}, which this sd3mini's "
+                              "train-toy does not know (a newer sd3mini wrote it?)")
     return Recipe(**stored)
 
 
@@ -109,12 +116,17 @@ def check_recipe(r: Recipe):
         raise ArgumentError(f"--patch {r.patch} must divide the image size {data.IMAGE_SIZE}")
     check_number("--lr", r.lr, above=0)
     check_number("--grad-clip", r.grad_clip, above=0)
-    check_number("--t-shift", r.t_shift, above=0)
     check_number("--weight-decay", r.weight_decay, minimum=0)
-    check_number("--cfg-scale", r.cfg_scale, minimum=0)
+    check_cfg("--cfg-scale", r.cfg_scale)            # exported as the model's default: load_toy checks it so
     for name in ("ema", "cfg_drop", "p_pair"):
         check_number(_flag(name), getattr(r, name), minimum=0, maximum=1)
     check_choice("--t-sampler", r.t_sampler, TIMESTEP_SAMPLERS)
+    check_shift("--t-shift", r.t_shift)
+    with torch.device("meta"):                        # shapes only: nothing is allocated
+        n = sum(p.numel() for p in ToySD3(r).parameters())
+    if n > TOY_MAX_PARAMS:
+        raise ArgumentError(f"this recipe makes a model of {n / 1e6:,.1f} M parameters; a tiny model has at most "
+                            f"{TOY_MAX_PARAMS / 1e6:.0f} M (the shipped one 2.7 M): lower --width or --depth")
 
 
 # Fields that fix the model's shape: a checkpoint cannot be resumed with others, even with --force.
@@ -259,7 +271,12 @@ def check_out(out: Path, r: Recipe, resume: bool, force: bool) -> list[str]:
         if not state.exists():
             raise ArgumentError(f"--resume: {out} has no last.safetensors to resume from; leave out --resume to "
                                 "start a run")
-        saved = recipe_from(training_meta(state)["recipe"])
+        meta = training_meta(state)
+        saved = recipe_from(meta.get("recipe"), state)
+        done = meta.get("step", 0)
+        if r.steps <= done:                           # nothing to train: it would only write the files again
+            raise ArgumentError(f"--resume: {state} has trained {done} steps already; pass --steps larger than "
+                                f"{done} to extend the run")
         changes = recipe_changes(saved, r)
         shape = [f"{k} {a} -> {b}" for k, (a, b) in changes.items() if k in ARCHITECTURE]
         if shape:
@@ -382,12 +399,22 @@ class Run:
         return (time.time() - self.start) / 60
 
 
-def _start_run(r: Recipe, out: Path, *, resume: bool, force: bool, eval_size: int) -> Run:
-    """Check ``out``, build the model (the same initial weights on every rank), resume if asked."""
+def _hold(lock: FolderLock, out: Path):
+    if not lock.acquire():
+        raise ArgumentError(f"--out {out} is in use by another train-toy run (it holds the folder's lock); wait "
+                            "for it to end, or choose another --out")
+
+
+def _start_run(r: Recipe, out: Path, lock: FolderLock, *, resume: bool, force: bool, eval_size: int) -> Run:
+    """Lock and check ``out``, build the model (the same initial weights on every rank), resume if asked.
+    Under torchrun the ranks are one run: rank 0 holds the lock (if it stops, torchrun stops the others)."""
+    if int(os.environ.get("RANK", 0)) == 0 and out.is_dir():
+        _hold(lock, out)                              # before the folder is read: no other run changes it now
     changes = check_out(out, r, resume, force)
     rank, world, device = _setup_distributed()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        _hold(lock, out)                              # a new folder: before anything is written in it
         if force and not resume:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -470,21 +497,25 @@ def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: b
     check_int("--eval-every", eval_every, minimum=0)
     if minutes is not None:
         check_number("--minutes", minutes, above=0)
-    run = _start_run(r, Path(out), resume=resume, force=force, eval_size=eval_size)
-    bar = tqdm(total=r.steps, initial=run.step, disable=not progress or run.rank != 0, desc="train-toy")
-    with StopOnSignal() as stop:
-        while run.step < r.steps:
-            loss = train_step(run.model, run.ema, run.opt, r, run.step, run.batch(), run.forward).item()
-            run.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            _log(run, loss, eval_every)
-            if stop.requested(run.world, run.device, time_up=bool(minutes) and run.minutes() >= minutes):
-                break
-            if run.step % save_every == 0 and run.step < r.steps:
-                _save(run)
-    bar.close()
-    _finish(run)
+    lock = FolderLock(out)                            # held for the whole run: a second run is refused
+    try:
+        run = _start_run(r, Path(out), lock, resume=resume, force=force, eval_size=eval_size)
+        bar = tqdm(total=r.steps, initial=run.step, disable=not progress or run.rank != 0, desc="train-toy")
+        with StopOnSignal() as stop:
+            while run.step < r.steps:
+                loss = train_step(run.model, run.ema, run.opt, r, run.step, run.batch(), run.forward).item()
+                run.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                _log(run, loss, eval_every)
+                if stop.requested(run.world, run.device, time_up=bool(minutes) and run.minutes() >= minutes):
+                    break
+                if run.step % save_every == 0 and run.step < r.steps:
+                    _save(run)
+        bar.close()
+        _finish(run)
+    finally:
+        lock.release()
     return {"steps": run.step, "minutes": run.meta["elapsed"] / 60, "params": run.meta["params"],
             "interrupted": stop.received}
 
