@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from .loading import HUB_MODELS, HUB_TEXT_ENCODERS, TEXT_ENCODERS
+from .pipeline import default_dtype
 
 RESULTS = Path(__file__).parent / "toy" / "results"     # written by experiments/toy_report.py
 WEIGHTS_ENV = "SD3MINI_WEIGHTS"                         # a local folder laid out as the Hub repository
@@ -70,17 +71,13 @@ def real_weights_dtype(precise: bool = False):
     """The number format of the real-weights cells: bfloat16 on a GPU that computes it fast (compute
     capability 8 and up: Ampere and newer), float16 on older ones (a Colab T4 is 7.5), float32 on the CPU.
 
-    Asked by capability, not by ``torch.cuda.is_bf16_supported()``: in recent torch that also says yes
-    where bfloat16 is only emulated, as on a T4, where it is slow.
+    The pipeline's own default (``pipeline.default_dtype``), so a cell and ``SD3Pipeline`` agree.
 
     ``precise=True``: float32 on every device, for a cell that measures a model rather than a number
     format and can afford it (chapter 3's VAE, 0.3 GB)."""
     import torch
 
-    device = real_weights_device()
-    if precise or not _cuda(device):
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.float32 if precise else default_dtype(real_weights_device())
 
 
 def _cuda(device) -> bool:

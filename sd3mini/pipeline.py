@@ -56,10 +56,12 @@ def detect_model(config: MMDiTConfig, filename: str = "") -> str:
 
 
 def default_dtype(device) -> torch.dtype:
-    """bf16 on GPUs that support it, fp16 on older ones (a Colab T4), fp32 on the CPU."""
+    """bf16 on GPUs that compute it natively (compute capability 8 and up: Ampere and newer), fp16 on
+    older ones (a Colab T4 is 7.5), fp32 on the CPU. Asked by capability: recent torch's
+    ``torch.cuda.is_bf16_supported()`` also says yes on a T4, where bf16 is only emulated, and slow."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return torch.float32
 
 

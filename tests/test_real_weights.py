@@ -233,3 +233,17 @@ def test_shipped_results_load_by_name():
     assert book.data_path("toy_recipe_samples.png").stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="toy_eval.json"):
         book.data_path("no_such.json")
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                              ((9, 0), torch.bfloat16)], ids=["t4", "a100", "h100"])
+def test_the_default_dtype_follows_the_compute_capability(capability, dtype, monkeypatch):
+    """A T4 gets float16 although recent torch's is_bf16_supported() says yes there (bf16 is emulated)."""
+    from sd3mini.pipeline import default_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert default_dtype("cuda") == dtype
+    monkeypatch.setenv("SD3MINI_BOOK_DEVICE", "cuda")
+    assert book.real_weights_dtype() == dtype and book.real_weights_dtype(precise=True) == torch.float32
+    assert default_dtype("cpu") == torch.float32
