@@ -423,6 +423,16 @@ class MMDiT(nn.Module):
 
         ``skip_layers``: indices of joint blocks to bypass entirely (skip-layer guidance).
         """
+        hw = x.shape[-2:]
+        x, c, context = self.embed(x, timestep, y, context)
+        for i, block in enumerate(self.joint_blocks):
+            if i in skip_layers:
+                continue
+            context, x = block(context, x, c)
+        return self.unembed(x, c, hw)
+
+    def embed(self, x, timestep, y, context):
+        """The inputs as tokens: image x (B, T, D) with its positions, c (B, D), context (B, L, D)."""
         cfg = self.config
         hw = x.shape[-2:]
         if hw[0] % cfg.patch_size or hw[1] % cfg.patch_size:
@@ -431,10 +441,9 @@ class MMDiT(nn.Module):
             timestep = timestep.expand(x.shape[0])
         x = self.x_embedder(x) + cropped_pos_embed(self.pos_embed, hw, cfg.patch_size)   # (B, T, D)
         c = self.t_embedder(timestep, dtype=x.dtype) + self.y_embedder(y)                       # (B, D)
-        context = self.context_embedder(context)                                        # (B, L, D)
-        for i, block in enumerate(self.joint_blocks):
-            if i in skip_layers:
-                continue
-            context, x = block(context, x, c)
+        return x, c, self.context_embedder(context)                                     # context (B, L, D)
+
+    def unembed(self, x, c, hw):
+        """Image tokens (B, T, D) -> the velocity (B, C, H, W): the final adaLN layer, then unpatchify."""
         x = self.final_layer(x, c)                                                      # (B, T, p*p*C)
-        return unpatchify(x, hw, cfg.patch_size, cfg.in_channels)
+        return unpatchify(x, hw, self.config.patch_size, self.config.in_channels)

@@ -17,8 +17,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..mmdit import (MMDiT, MMDiTConfig, Mlp, RMSNorm, attention, cropped_pos_embed, modulate,
-                     unpatchify)
+from ..mmdit import MMDiT, MMDiTConfig, Mlp, RMSNorm, attention, modulate
 
 BACKBONES = ("mmdit", "dit", "crossdit")
 
@@ -84,23 +83,17 @@ class ToyBackbone(MMDiT):
         self.blocks = nn.ModuleList([block(config.hidden_size, config.num_heads) for _ in range(config.depth)])
 
     def forward(self, x, timestep, y, context, skip_layers=()):
-        cfg = self.config
         hw = x.shape[-2:]
-        if timestep.ndim == 0:
-            timestep = timestep.expand(x.shape[0])
-        x = self.x_embedder(x) + cropped_pos_embed(self.pos_embed, hw, cfg.patch_size)   # (B, T, D)
-        c = self.t_embedder(timestep, dtype=x.dtype) + self.y_embedder(y)                # (B, D)
-        context = self.context_embedder(context)                                         # (B, L, D)
-        n_text = context.shape[1]
+        x, c, context = self.embed(x, timestep, y, context)                              # MMDiT's
         if self.kind == "dit":
             tokens = torch.cat([context, x], dim=1)                                      # (B, L + T, D)
             for block in self.blocks:
                 tokens = block(tokens, c)
-            x = tokens[:, n_text:]
+            x = tokens[:, context.shape[1]:]
         else:
             for block in self.blocks:
                 x = block(x, context, c)
-        return unpatchify(self.final_layer(x, c), hw, cfg.patch_size, cfg.in_channels)
+        return self.unembed(x, c, hw)
 
 
 def build_backbone(kind: str, config: MMDiTConfig) -> nn.Module:

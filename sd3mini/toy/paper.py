@@ -36,7 +36,7 @@ from ..flow import process_in, time_shift
 from . import data, judge
 from .backbones import build_backbone
 from .model import ToyTextEncoder, toy_mmdit_config
-from .train import data_stats, learning_rate, update_ema, Recipe
+from .train import Recipe, data_stats, optimizer_step
 
 STEP_COUNTS = (5, 10, 25)
 VAL_LEVELS = 8
@@ -175,14 +175,7 @@ def run_arm(arm: Arm, val_every: int = 250, judge_captions: int = 120, progress:
         x0, captions, eps, u = training_batch(r, arm, step, scale, shift)
         z = fm.noisy(arm.formulation, x0, eps, u)
         loss = fm.loss(arm.formulation, model(z, u, model.text.tokenize(captions)), x0, eps, u)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(r, step)
-        opt.step()
-        update_ema(ema, model, step, r.ema)
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, ema, opt, r, step, loss).item())
         if (step + 1) % val_every == 0:
             curve.append({"step": step + 1, **validation_loss(ema, val)})
             if progress:

@@ -360,7 +360,12 @@ def train_step(model, ema, opt, r: Recipe, step: int, batch, forward=None) -> to
     ``forward`` runs the model (its DDP wrapper under torchrun; default: ``model``). Returns the loss."""
     x0, captions, noise, sigma = batch
     v = (forward or model)(interpolate(x0, noise, sigma), sigma, model.text.tokenize(captions))
-    loss = flow_matching_loss(v, x0, noise)
+    return optimizer_step(model, ema, opt, r, step, flow_matching_loss(v, x0, noise))
+
+
+def optimizer_step(model, ema, opt, r: Recipe, step: int, loss: torch.Tensor) -> torch.Tensor:
+    """The recipe's update from a loss: backward, gradient clipping, AdamW at ``learning_rate(r, step)``,
+    then the EMA. Returns the loss, detached."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
