@@ -16,18 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 COLUMN = 88
 
-# TEMPORARY: chapters whose stored outputs still have lines over 88 characters and are being fixed
-# by their authors (issue 21). Their test is expected to fail (non-strict xfail) until then; empty
-# this tuple once they are fixed. No new chapter belongs here.
-TEMPORARILY_OVER_88_CHARACTERS = (
-    "00_tour",
-    "03_vae",
-    "09_positional_embedding",
-    "10_text_conditioning",
-    "13_sd3_by_hand",
-    "14_real_weights",
-)
-
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # A text/plain result is what the page shows only when nothing richer comes with it.
 RICHER = ("image/", "text/html", "text/latex", "text/markdown", "image/svg+xml")
@@ -55,14 +43,7 @@ def long_output_lines(path):
     return found
 
 
-def expectation(path):
-    if path.stem in TEMPORARILY_OVER_88_CHARACTERS:
-        reason = "issue 21: this chapter's long output lines are being shortened by its author"
-        return pytest.param(path, marks=pytest.mark.xfail(reason=reason, strict=False))
-    return path
-
-
-@pytest.mark.parametrize("path", [expectation(p) for p in NOTEBOOKS], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_chapter_outputs_fit_the_rendered_column(path):
     """Every stored stream output and plain-text result line is at most 88 characters."""
     long = long_output_lines(path)
