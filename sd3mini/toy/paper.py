@@ -20,6 +20,7 @@ results (``sd3mini/toy/results/paper_<experiment>.json``).
 """
 
 import argparse
+import copy
 import json
 import random
 import time
@@ -165,8 +166,7 @@ def run_arm(arm: Arm, val_every: int = 250, judge_captions: int = 120, progress:
     r = short_recipe(arm)
     torch.manual_seed(arm.seed)
     model = Denoiser(arm, r)
-    ema = Denoiser(arm, r).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
+    ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=r.weight_decay)
     scale, shift = data_stats()
     val = validation_set(scale, shift)
