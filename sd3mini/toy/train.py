@@ -483,6 +483,12 @@ def _finish(run: Run):
     same = all(torch.equal(g, gathered[0]) for g in gathered)
     if run.rank == 0:
         print(f"ranks agree: weights {'identical' if same else 'DIFFERENT'} across {run.world} ranks")
+    # Tear down in order: gloo's worker thread frees each finished collective (which needs the GIL), so
+    # wait for it (a barrier) and drop DDP's reducer while the group is still registered; destroying the
+    # group with a collective still to be freed deadlocked at exit (the worker waits for the GIL, the
+    # main thread holds it while joining the worker).
+    dist.barrier()
+    run.forward = run.model
     dist.destroy_process_group()
     if not same:
         raise RuntimeError("DDP ranks ended with different weights")
