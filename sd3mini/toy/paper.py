@@ -60,10 +60,12 @@ class Arm:
 
 
 def short_recipe(arm: Arm) -> Recipe:
-    """``train-toy``'s recipe shortened to ``arm.steps``: single objects for the first fifth, then half pairs,
-    the learning rate cooled to 0 over the last 40%; the resolution shift 3 for every formulation."""
+    """``train-toy``'s recipe shortened to ``arm.steps``: single objects for the first half (grid position is
+    taught by single-object captions only, and took ~500 steps of them; with a fifth, 400 steps, no arm
+    learned it: benchmarks/RESULTS.md), then half pairs, the learning rate cooled to 0 over the last 40%;
+    the resolution shift 3 for every formulation."""
     return Recipe(steps=arm.steps, batch=arm.batch, warmup=200, cooldown=int(0.4 * arm.steps),
-                  singles_first=arm.steps // 5, p_pair=0.5, t_shift=3.0, seed=arm.seed, width=arm.width,
+                  singles_first=arm.steps // 2, p_pair=0.5, t_shift=3.0, seed=arm.seed, width=arm.width,
                   depth=arm.depth, heads=arm.heads)
 
 
