@@ -1,5 +1,6 @@
-"""Shared test helpers: golden files, tiny random components, a tiny T5 tokenizer."""
+"""Shared test helpers: golden files, tiny random components, a tiny T5 tokenizer, notebook cells."""
 
+import ast
 import json
 from pathlib import Path
 
@@ -130,3 +131,18 @@ def sparse_checkpoint(path, shapes: dict, metadata: dict | None = None):
         f.write(len(blob).to_bytes(8, "little") + blob)
         f.truncate(8 + len(blob) + offset)
     return path
+
+
+def python(source: str) -> str:
+    """A notebook cell's source as plain Python (``%pip`` and other IPython syntax become calls)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    return TransformerManager().transform_cell(source)
+
+
+def definitions(source: str) -> ast.Module:
+    """The imports, function and class definitions and literal constants of a cell, nothing it computes."""
+    keep = [node for node in ast.parse(python(source)).body
+            if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef))
+            or (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant))]
+    return ast.Module(body=keep, type_ignores=[])

@@ -13,7 +13,6 @@ not depend on them), then the real-weights cell's own source, and checks what th
 anything such a cell uses (an argument, a helper of ``sd3mini.book``) makes its test fail.
 """
 
-import ast
 import contextlib
 import io
 import json
@@ -30,7 +29,8 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from helpers import save_hub_layout, tiny_mmdit, tiny_t5_tokenizer, tiny_text_encoders  # noqa: E402
+from helpers import (definitions, python, save_hub_layout, tiny_mmdit, tiny_t5_tokenizer,  # noqa: E402
+                     tiny_text_encoders)
 
 import sd3mini  # noqa: E402
 from sd3mini import book  # noqa: E402
@@ -44,24 +44,9 @@ BASE = 64                          # diffusers' base_size for SD3: sample_size 1
 # --------------------------------------------------------------------------------------------------
 # Running a chapter's cells
 # --------------------------------------------------------------------------------------------------
-def python(source: str) -> str:
-    """A cell's source as plain Python (``%pip`` and other IPython syntax become calls)."""
-    from IPython.core.inputtransformer2 import TransformerManager
-
-    return TransformerManager().transform_cell(source)
-
-
 def code_cells(name: str) -> list[tuple[int, str]]:
     nb = json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
     return [(i, "".join(c["source"])) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"]
-
-
-def definitions(source: str) -> ast.Module:
-    """The imports, function and class definitions and literal constants of a cell, nothing it computes."""
-    keep = [node for node in ast.parse(python(source)).body
-            if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef))
-            or (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant))]
-    return ast.Module(body=keep, type_ignores=[])
 
 
 def run_gpu_cell(name: str):

@@ -4,6 +4,7 @@ Chapter 0 runs whole and chapter 15's cells that read the measured results run, 
 checkout on the path: the tiny model and the results must come from the installed package.
 """
 
+import ast
 import importlib.util
 import json
 import os
@@ -16,15 +17,18 @@ import venv
 from pathlib import Path
 
 import pytest
+from helpers import definitions
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def code_cells(notebook: str, keep=lambda index, sources: True) -> str:
-    """The notebook's code cells (those ``keep`` accepts) as one script; IPython magics become no-ops."""
+    """The notebook's code cells (those ``keep`` accepts) as one script, and of the others their
+    definitions (imports, functions, classes, constants: a later cell may call them); IPython magics
+    become no-ops."""
     cells = json.loads((ROOT / "notebooks" / notebook).read_text())["cells"]
     every = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
-    sources = [source for i, source in enumerate(every) if keep(i, every)]
+    sources = [source if keep(i, every) else ast.unparse(definitions(source)) for i, source in enumerate(every)]
     def no_magic(line):
         stripped = line.lstrip()
         magic = re.match(r"%{1,2}[A-Za-z]", stripped)          # %pip, %%time; not "% (a, b)"
