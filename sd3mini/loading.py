@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, state_dict_of
 from .convert import is_diffusers_mmdit, is_diffusers_vae, mmdit_from_diffusers, vae_from_diffusers
+from .keys import select
 from .mmdit import MMDiT, MMDiTConfig
 from .text import CLIP_SHAPES, CLIPTextEncoder, T5TextEncoder, clip_shape
 from .vae import SDVAE, VAEConfig
@@ -28,10 +29,6 @@ TEXT_PREFIX = "text_encoders.{}.transformer."
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
 # Keys some files carry that no sd3mini module needs; dropped without a warning.
 _HARMLESS = re.compile(r"(.*position_ids|.*\.logit_scale|model_sampling\..*|loss\..*)$")
-
-
-def _select(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _most_common_float_dtype(sd: dict):
@@ -95,7 +92,7 @@ def build(make, sd: dict, *, what: str, device=None, dtype=None, keep_fp32=(), a
 def mmdit_state_dict(sd: dict) -> dict:
     """The MM-DiT part of any supported layout, under official names without prefix."""
     if any(k.startswith(MMDIT_PREFIX + "joint_blocks.") for k in sd):
-        return _select(sd, MMDIT_PREFIX)
+        return select(sd, MMDIT_PREFIX)
     if any(k.startswith("joint_blocks.") for k in sd):
         return {k: v for k, v in sd.items() if not k.startswith(("first_stage_model.", "text_encoders."))}
     if is_diffusers_mmdit(sd):
@@ -106,7 +103,7 @@ def mmdit_state_dict(sd: dict) -> dict:
 def vae_state_dict(sd: dict) -> dict:
     """The VAE part of any supported layout, under official names without prefix."""
     if any(k.startswith(VAE_PREFIX + "encoder.") for k in sd):
-        return _select(sd, VAE_PREFIX)
+        return select(sd, VAE_PREFIX)
     if "encoder.down.0.block.0.conv1.weight" in sd:
         return sd
     if is_diffusers_vae(sd):
@@ -120,7 +117,7 @@ def text_encoder_state_dict(sd: dict, kind: str) -> dict:
         raise ValueError(f"kind must be one of {TEXT_ENCODERS}, got {kind!r}")
     bundled = TEXT_PREFIX.format(kind)
     if any(k.startswith(bundled) for k in sd):
-        sd = _select(sd, bundled)
+        sd = select(sd, bundled)
     if kind == "t5xxl":
         emb = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
         if emb is None or not any(k.startswith("encoder.block.") for k in sd):

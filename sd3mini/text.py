@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import num_blocks
+from .keys import CheckpointError, num_blocks
 
 CLIP_BOS, CLIP_EOS = 49406, 49407
 CLIP_LENGTH = 77          # CLIP's position table has exactly 77 rows
@@ -177,8 +177,6 @@ def load_tokenizer(folder, kind: str = "auto"):
     and passes ``trust_remote_code=False`` as well. ``kind``: "clip" (CLIPTokenizer) or "auto".
     """
     from transformers import AutoTokenizer, CLIPTokenizer   # heavy: only when a folder is read
-
-    from .checkpoint import CheckpointError
 
     folder = Path(folder)
     for name in ("tokenizer_config.json", "config.json"):
