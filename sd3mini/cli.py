@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import ArgumentError, Parser, check_cfg, check_int, check_seed, check_shift, output_size
+from .checks import ArgumentError, Parser, check_cfg, check_denoise, check_int, check_seed, check_shift, output_size
 from .pipeline import OFFLOAD_MODES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -246,11 +246,7 @@ def check_generate_args(args):
         check_shift("--shift", args.shift)
     if args.seed is not None:
         check_seed(args.seed, args.grid**2, name="--seed")
-    if args.denoise is not None:
-        if args.init_image is None:
-            raise ArgumentError("--denoise applies to image-to-image only: pass --init-image too")
-        if not 0 < args.denoise <= 1:
-            raise ArgumentError(f"--denoise must be in (0, 1], got {args.denoise}")
+    check_denoise(args.denoise, args.init_image is not None, name="--denoise", init="--init-image")
     if args.init_image is not None and not Path(args.init_image).is_file():
         raise ArgumentError(f"--init-image {args.init_image}: no such file")
     check_output(Path(args.output), args.force)

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, open_state_dict, state_dict_of
-from .checks import ArgumentError, check_choice, check_dtype, check_prompts, check_seed, output_size
+from .checks import (ArgumentError, check_choice, check_denoise, check_dtype, check_inputs, check_prompts, check_sampling,
+                     check_seed, check_slg, needs_uncond, output_size)
 from .checks import check_size  # noqa: F401  (chapter 4 calls sd3mini.pipeline.check_size)
 from .flow import LATENT_SCALE, LATENT_SHIFT, process_in, process_out
 from .loading import (TEXT_ENCODERS, check_text_encoders, download, find_text_encoder, hub_download, load_mmdit,
                       load_text_encoder, load_vae, mmdit_state_dict, vae_state_dict)
 from .mmdit import MMDiTConfig
-from .sampling import check_sampling, check_slg, make_noise, sample
+from .sampling import SAMPLERS, integrate, make_noise
 from .text import SD3TextEncoder, SD3Tokenizer, clip_tokenizer, load_tokenizer
 from .vae import VAEConfig, image_to_tensor, rgb_image, tensor_to_images
 
@@ -221,11 +222,8 @@ class SD3Pipeline:
         cfg_scale = cfg_scale if cfg_scale is not None else self.defaults["cfg_scale"]
         shift = shift if shift is not None else self.defaults["shift"]
         sampler = sampler or self.defaults["sampler"]
-        if init_image is None and denoise is not None:
-            raise ArgumentError(f"denoise={denoise!r} applies to image-to-image only: pass init_image too")
-        denoise = 0.8 if denoise is None else denoise
-        check_sampling(steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
-                       denoise=denoise if init_image is not None else 1.0)
+        check_sampling(steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler, samplers=SAMPLERS)
+        denoise = check_denoise(denoise, init_image is not None, default=0.8 if init_image is not None else 1.0)
         cfg = self.mmdit.config
         slg = self._slg(slg, cfg.depth)
         init_image = None if init_image is None else rgb_image(init_image)     # 8-bit RGB, or refused now
@@ -234,15 +232,14 @@ class SD3Pipeline:
         self.last_seed = seed
 
         # Each stage is a method, so the modules it loaded are released when it returns.
-        guided = cfg_scale != 1.0   # at cfg 1 the unconditional pass cancels out: skip it
-        cond, uncond = self._encode_text(prompts, negatives if guided else None)
+        cond, uncond = self._encode_text(prompts, negatives if needs_uncond(cfg_scale) else None)
         noise = make_noise(seed, (cfg.in_channels, height // self.vae.downscale, width // self.vae.downscale),
                            batch=len(prompts)).to(self.device)
         init_latent = None
         if init_image is not None:
             init_latent = self._encode_image(init_image, width, height, seed).expand(len(prompts), -1, -1, -1)
         latent = self._denoise(noise, cond, uncond, steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
-                               init_latent=init_latent, denoise=denoise if init_image is not None else 1.0, slg=slg,
+                               init_latent=init_latent, denoise=denoise, slg=slg,
                                progress=progress)
         decoded = self._decode(latent)
         if output == "tensor":
@@ -297,9 +294,11 @@ class SD3Pipeline:
             z = vae.encode(pixels, generator=torch.Generator().manual_seed(seed)).float()
         return process_in(z, *self.latent_format)
 
-    def _denoise(self, noise, cond, uncond, **kwargs):
+    def _denoise(self, noise, cond, uncond, init_latent, **kwargs):
+        """``sample``'s run on the arguments ``__call__`` checked; the inputs' shapes are checked here."""
+        check_inputs(self.mmdit.config, noise, cond, uncond, init_latent)
         with self._stage(self.mmdit) as mmdit:
-            latent = sample(mmdit, noise, cond, uncond, **kwargs)
+            latent = integrate(mmdit, noise, cond, uncond, init_latent=init_latent, **kwargs)
             hint = overflow_hint(_dtype(mmdit), self.device)
         check_finite("the MM-DiT", latent, hint)
         return latent

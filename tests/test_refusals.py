@@ -118,7 +118,7 @@ CLI_CASES = [   # (id, argv, exit status, the message)
 
 @pytest.mark.parametrize("argv,status,message", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_refuses_before_any_work(argv, status, message, more, tmp_path, capfd, monkeypatch):
-    monkeypatch.setattr("sd3mini.pipeline.sample", lambda *a, **k: pytest.fail("sampling ran before the refusal"))
+    monkeypatch.setattr("sd3mini.pipeline.integrate", lambda *a, **k: pytest.fail("sampling ran before the refusal"))
     before = set(tmp_path.rglob("*")) | set(more["dir"].rglob("*")) | set(more["more"].rglob("*"))
     assert main(fill(argv, more, tmp_path)) == status
     out, err = capfd.readouterr()
@@ -137,7 +137,7 @@ def test_unwritable_output_folder_is_refused_before_sampling(tmp_path, capfd, mo
         if not os.path.isdir("/sys"):
             pytest.skip("running as root without /sys: no folder root cannot write in")
         folder = Path("/sys")
-    monkeypatch.setattr("sd3mini.pipeline.sample", lambda *a, **k: pytest.fail("sampling ran before the refusal"))
+    monkeypatch.setattr("sd3mini.pipeline.integrate", lambda *a, **k: pytest.fail("sampling ran before the refusal"))
     assert main(["generate", P, "-o", str(folder / "out.png")]) == 2
     assert re.search(rf"--output .*out.png: cannot write in {folder} \(", capfd.readouterr().err)
 
@@ -293,7 +293,7 @@ def test_a_long_negative_prompt_is_called_so():
 
 def test_overflow_message_fits_the_dtype(monkeypatch):
     pipe = toy_pipeline()
-    monkeypatch.setattr("sd3mini.pipeline.sample", lambda model, noise, *a, **k: torch.full_like(noise, math.inf))
+    monkeypatch.setattr("sd3mini.pipeline.integrate", lambda model, noise, *a, **k: torch.full_like(noise, math.inf))
     with pytest.raises(FloatingPointError, match=r"It ran in float32 on cpu, which does not overflow on sensible "
                                                  r"inputs: lower cfg_scale") as e:
         pipe(P, steps=1, seed=0, progress=False)

@@ -91,7 +91,7 @@ CLI_CASES = [   # (id, argv, exit status, the message)
     ("offload on the tiny model", ["generate", P, "--offload", "model"], 2, r"--offload model does not apply"),
     ("no-t5 on the tiny model", ["generate", P, "--no-t5"], 2, r"--no-t5 does not apply to the tiny model"),
     ("clip-l on the tiny model", ["generate", P, "--clip-l", "{clip_l}"], 2, r"--clip-l does not apply to the tiny model"),
-    ("denoise without init image", ["generate", P, "--denoise", "0.5"], 2, r"--denoise applies to image-to-image only"),
+    ("denoise without init image", ["generate", P, "--denoise", "0.5"], 2, r"--denoise=0.5 applies to image-to-image only: pass --init-image too"),
     ("denoise 0", ["generate", P, "--init-image", "{small}", "--denoise", "0"], 2, r"--denoise must be in \(0, 1\]"),
     ("init image missing", ["generate", P, "--init-image", "{tmp}/nothing.png"], 2, r"--init-image .*nothing.png: no such file"),
     ("init image not an image", ["generate", P, "--init-image", "{notes}"], 2, r"--init-image .*notes.txt is not an image"),
