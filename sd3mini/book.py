@@ -20,8 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from .loading import HUB_MODELS, HUB_TEXT_ENCODERS, TEXT_ENCODERS
+from .loading import TEXT_ENCODERS
 from .pipeline import default_dtype
+from .sources import HUB_MODELS, HUB_TEXT_ENCODERS, download, tokenizer_for
 
 RESULTS = Path(__file__).parent / "toy" / "results"     # written by experiments/toy_report.py
 WEIGHTS_ENV = "SD3MINI_WEIGHTS"                         # a local folder laid out as the Hub repository
@@ -222,8 +223,6 @@ def real_weights_available(model: str = "sd3_medium", text_encoders=TEXT_ENCODER
 def real_weights(model: str = "sd3_medium", text_encoders=TEXT_ENCODERS) -> dict[str, Path]:
     """``{"model": path, "clip_l": path, ...}``: the files in ``$SD3MINI_WEIGHTS`` or, without it, the Hub
     download (cached after the first time). Call after ``real_weights_available()`` said yes."""
-    from .loading import download
-
     local = _local_weights(model)
     if local is not None:
         return {k: v for k, v in local.items() if k == "model" or k in text_encoders}
@@ -235,11 +234,9 @@ def real_tokenizer():
     T5's comes from ``tokenizer_3/`` in ``$SD3MINI_WEIGHTS`` where that folder exists (the SD3.5
     repositories have one), else from google/t5-v1_1-xxl on the Hub (public, cached after the first
     time), as ``SD3Pipeline.from_single_file`` reads it."""
-    from .pipeline import _tokenizer
-
     folder = os.environ.get(WEIGHTS_ENV)
     local = Path(folder).expanduser() / T5_TOKENIZER_FOLDER if folder else None
-    return _tokenizer(str(local) if local is not None and local.is_dir() else None, need_t5=True)
+    return tokenizer_for(str(local) if local is not None and local.is_dir() else None, need_t5=True)
 
 
 def example_photo():

@@ -168,10 +168,10 @@ def file_metadata(path) -> dict:
 
 def state_dict_of(src) -> dict:
     """A path (file or folder) -> lazy state dict; a dict is returned as it is."""
+    if isinstance(src, dict):               # first: a sources.Source is a state dict that has a path
+        return src
     if isinstance(src, (str, os.PathLike)):
         return open_state_dict(src)
-    if isinstance(src, dict):
-        return src
     raise TypeError(f"expected a path or a state dict, got {type(src).__name__}")
 
 

@@ -162,7 +162,7 @@ def test_full_size_sd3_header_is_refused_before_loading(tmp_path, capfd, monkeyp
 
 
 def test_hub_model_sizes_are_refused_before_the_download(tmp_path, capfd, monkeypatch):
-    monkeypatch.setattr("sd3mini.loading.hub_download", lambda *a, **k: pytest.fail("a download started"))
+    monkeypatch.setattr("sd3mini.sources.hub_download", lambda *a, **k: pytest.fail("a download started"))
     assert main(["generate", "a fox", "--ckpt", "sd3.5_large", "--width", "4000", "-o", str(tmp_path / "o.png")]) == 2
     assert "width 4000 is larger than this model supports: the maximum is 3072" in capfd.readouterr().err
 
@@ -305,7 +305,7 @@ def test_hub_entry_not_found_names_what_was_asked(monkeypatch):
     import huggingface_hub
     from huggingface_hub import errors
 
-    from sd3mini.loading import hub_download
+    from sd3mini.sources import hub_download
 
     def refuse(*args, **kwargs):
         raise errors.EntryNotFoundError("missing")

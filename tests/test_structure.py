@@ -33,3 +33,29 @@ def test_own_imports_sees_nested_and_relative_imports(tmp_path):
     path = tmp_path / "m.py"
     path.write_text("from .keys import a\n\ndef f():\n    from ..checkpoint import b\n")
     assert own_imports(path) == [("keys", 1, True), ("checkpoint", 4, False)]
+
+
+def test_the_cli_has_no_toy_special_case():
+    """The pipeline says how it is shown (``upscale``, ``quiet_evaluations``); the CLI asks no model name."""
+    source = (PACKAGE / "cli.py").read_text()
+    assert '== "toy"' not in source and '!= "toy"' not in source
+
+
+def test_a_single_file_load_reads_each_header_once(monkeypatch, tmp_path):
+    """SD3Pipeline.from_single_file on a file with bundled text encoders: its header is read once (it
+    was read 11 times: the MM-DiT check, each component's configuration, check and load)."""
+    from helpers import tiny_pipeline, tiny_t5_tokenizer, tiny_text_encoders
+
+    import sd3mini
+    from sd3mini import checkpoint
+    from sd3mini.loading import save_single_file
+
+    pipe, encoders = tiny_pipeline(), tiny_text_encoders()
+    path = tmp_path / "bundled.safetensors"
+    save_single_file(path, mmdit=pipe.mmdit, vae=pipe.vae, **{k: encoders[k] for k in ("clip_l", "clip_g", "t5xxl")})
+    reads = []
+    real = checkpoint.read_header
+    monkeypatch.setattr(checkpoint, "read_header", lambda p: reads.append(str(p)) or real(p))
+    sd3mini.SD3Pipeline.from_single_file(path, tokenizer=sd3mini.SD3Tokenizer(t5=tiny_t5_tokenizer()),
+                                         device="cpu")
+    assert reads == [str(path)]

@@ -370,7 +370,7 @@ def _hub_error(kind):
 def test_hub_errors(kind, error, message, monkeypatch):
     import huggingface_hub
 
-    from sd3mini.loading import hub_download
+    from sd3mini.sources import hub_download
 
     def refuse(*args, **kwargs):
         raise _hub_error(kind)
@@ -413,7 +413,7 @@ def test_long_runs_show_a_progress_bar(tmp_path, capfd, monkeypatch):
     """The tiny model is quiet for a picture or two, but a run of many steps or a big grid shows a bar."""
     assert main(["generate", P, "--steps", "2", "-o", str(tmp_path / "quiet.png")]) == 0
     assert "sampling" not in capfd.readouterr().err
-    monkeypatch.setattr("sd3mini.cli.TOY_QUIET_EVALUATIONS", 8)          # 2 x 2 images x 2 steps = 8
+    monkeypatch.setattr("sd3mini.toy.model.QUIET_EVALUATIONS", 8)        # 2 x 2 images x 2 steps = 8
     assert main(["generate", P, "--steps", "2", "--grid", "2", "-o", str(tmp_path / "loud.png")]) == 0
     assert "sampling: 100%" in capfd.readouterr().err
 

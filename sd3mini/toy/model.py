@@ -288,13 +288,19 @@ def _check_values(path, meta: dict, cfg: MMDiTConfig):
         raise CheckpointError(f"{path}: its sd3mini_toy metadata is invalid: {e}") from None
 
 
+# The tiny model runs ~100 model evaluations a second on one core: below this many, no progress bar.
+QUIET_EVALUATIONS = 2000
+
+
 def pipeline_of(mmdit, text, latent_scale: float, latent_shift: float, defaults: dict, device="cpu",
                 image_size: int = IMAGE_SIZE):
     """An ``SD3Pipeline`` around a tiny MM-DiT and its text encoder: loaded, or in the middle of training."""
     from ..pipeline import SD3Pipeline
 
-    return SD3Pipeline(mmdit, PixelSpace(), text, model="toy", device=device, latent_scale=latent_scale,
+    pipe = SD3Pipeline(mmdit, PixelSpace(), text, model="toy", device=device, latent_scale=latent_scale,
                        latent_shift=latent_shift, defaults=defaults, default_size=image_size)
+    pipe.upscale, pipe.quiet_evaluations = 4, QUIET_EVALUATIONS     # 32 x 32 images; fast
+    return pipe
 
 
 def toy_pipeline(path=None, device="cpu"):
