@@ -29,8 +29,8 @@ def make_noise(seed: int, shape, batch: int = 1) -> torch.Tensor:
 def model_x0(model, x, sigma, context, y, skip_layers=()):
     """The denoised prediction x0 = x - sigma * v(x, 1000 * sigma); inputs cast to the model's dtype."""
     dtype = next(model.parameters()).dtype
-    t = (sigma * 1000).float().expand(x.shape[0]).to(x.device)
-    v = model(x.to(dtype), t, y=y.to(dtype), context=context.to(dtype), skip_layers=skip_layers).float()
+    timestep = (sigma * 1000).float().expand(x.shape[0]).to(x.device)
+    v = model(x.to(dtype), timestep, y=y.to(dtype), context=context.to(dtype), skip_layers=skip_layers).float()
     return x - v * sigma
 
 

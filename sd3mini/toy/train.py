@@ -3,8 +3,8 @@
     python -m sd3mini train-toy                                                  # one hour, one core
     torchrun --nproc_per_node=2 -m sd3mini train-toy --recipe shipped            # the shipped model
 
-    rectified flow: z_t = (1 - t) x0 + t noise, predict v = noise - x0, MSE       (sd3mini.flow)
-    t ~ logit-normal(0, 1) (or uniform / mode / cosmap), 10% empty captions for CFG, AdamW, EMA
+    rectified flow: z = (1 - sigma) x0 + sigma noise, predict v = noise - x0, MSE   (sd3mini.flow)
+    sigma ~ logit-normal(0, 1) (or uniform / mode / cosmap), shifted; 10% empty captions for CFG; AdamW, EMA
 
 Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP; gloo on CPU, NCCL on GPU): each rank draws
 its own batches, gradients are averaged, and at the end the ranks check that their weights agree.
@@ -50,7 +50,7 @@ class Recipe:
     grad_clip: float = 1.0
     ema: float = 0.999
     t_sampler: str = "logit_normal"
-    t_shift: float = 3.0               # time_shift applied to the sampled t (and the sampling schedule)
+    t_shift: float = 3.0               # time_shift applied to the sampled sigma (and the sampling schedule)
     cfg_drop: float = 0.1              # fraction of empty captions (the CFG null condition)
     p_pair: float = 0.5                # fraction of two-object scenes (after singles_first): relations need them
     singles_first: int = 2000          # steps of single objects only, before pairs are mixed in
@@ -163,13 +163,16 @@ def learning_rate(r: Recipe, step: int) -> float:
 
 
 def data_stats(n: int = 2048, seed: int = 999) -> tuple[float, float]:
-    """SD3 normalizes its latents to unit variance (scale 1/std, shift mean); the same, measured on pixels."""
+    """(latent_scale, latent_shift): SD3 normalizes its latents to unit variance (scale 1/std, offset the
+    mean); the same, measured on pixels."""
     images, _, _ = data.batch(seed, n)
     return 1.0 / images.std().item(), images.mean().item()
 
 
-def training_batch(r: Recipe, step: int, rank: int, scale: float, shift: float):
-    """The batch of ``step`` on ``rank``: a function of (seed, rank, step) only, so resuming is exact."""
+def training_batch(r: Recipe, step: int, rank: int, latent_scale: float, latent_shift: float, draw=None):
+    """(x0, captions, noise, sigma) of ``step`` on ``rank``: a function of (seed, rank, step) only, so
+    resuming is exact. ``draw(n, generator)``: the noise levels before the shift (default: ``r.t_sampler``;
+    the paper's arms draw each formulation's own)."""
     seed = (r.seed * 1_000_003 + rank) * 10_000_019 + step
     # A curriculum: single objects first teach grid position, which pair captions never name
     # (benchmarks/RESULTS.md).
@@ -179,8 +182,8 @@ def training_batch(r: Recipe, step: int, rank: int, scale: float, shift: float):
     captions = ["" if rng.random() < r.cfg_drop else c for c in captions]
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(images.shape, generator=gen)
-    t = time_shift(sample_t(r.batch, r.t_sampler, generator=gen), r.t_shift)
-    return process_in(images, scale, shift), captions, noise, t
+    levels = draw(r.batch, gen) if draw is not None else sample_t(r.batch, r.t_sampler, generator=gen)
+    return process_in(images, latent_scale, latent_shift), captions, noise, time_shift(levels, r.t_shift)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -216,11 +219,11 @@ def load_training_state(path, model, ema, opt) -> dict:
     return meta
 
 
-def export(path, ema: ToySD3, r: Recipe, scale: float, shift: float, extra: dict | None = None):
+def export(path, ema: ToySD3, r: Recipe, latent_scale: float, latent_shift: float, extra: dict | None = None):
     """The shipped format: EMA weights in float16 plus what ``load_toy`` needs to rebuild the pipeline."""
     cfg = asdict(ema.mmdit.config)
-    meta = {"mmdit": cfg, "text": ema.text.config, "latent_scale": scale, "latent_shift": shift,
-            "image_size": data.IMAGE_SIZE, "recipe": asdict(r),
+    meta = {"mmdit": cfg, "text": ema.text.config, "latent_scale": latent_scale,
+            "latent_shift": latent_shift, "image_size": data.IMAGE_SIZE, "recipe": asdict(r),
             "defaults": toy_defaults(r)} | (extra or {})
     sd = {f"mmdit.{k}": v.half() for k, v in ema.mmdit.state_dict().items()}
     sd |= {f"text.{k}": v.half() for k, v in ema.text.state_dict().items()}
