@@ -12,7 +12,6 @@ import os
 import re
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import torch
 

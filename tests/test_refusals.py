@@ -28,8 +28,9 @@ from sd3mini import CheckpointError
 from sd3mini.checks import ArgumentError
 from sd3mini.checkpoint import file_metadata
 from sd3mini.cli import main
-from sd3mini.toy.model import load_toy, shipped_path, toy_pipeline
-from sd3mini.toy.train import Recipe, ToySD3, train
+from sd3mini.toy.model import ToySD3, load_toy, shipped_path, toy_pipeline
+from sd3mini.toy.recipe import Recipe
+from sd3mini.toy.train import train
 
 TINY_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items() if k != "steps"]
 
@@ -421,7 +422,7 @@ def test_two_runs_writing_one_output_both_succeed(tmp_path, monkeypatch):
 
 
 def test_a_second_training_run_into_the_same_folder_is_refused(tmp_path, capfd):
-    from sd3mini.toy.train import check_recipe
+    from sd3mini.toy.recipe import check_recipe
 
     check_recipe(Recipe(**TINY_RUN))                 # its first call imports torch._dynamo: not while racing
     out = tmp_path / "run"

@@ -26,7 +26,8 @@ from sd3mini import CheckpointError
 from sd3mini.checks import ArgumentError
 from sd3mini.cli import main
 from sd3mini.toy.model import load_toy, shipped_path, toy_pipeline
-from sd3mini.toy.train import Recipe, learning_rate, train
+from sd3mini.toy.recipe import Recipe, learning_rate
+from sd3mini.toy.train import train
 
 ROOT = Path(__file__).parents[1]
 TINY_RUN = dict(steps=2, batch=2, width=32, depth=1, text_width=32, text_layers=1, heads=1, warmup=1, cooldown=0)
@@ -443,7 +444,7 @@ def test_checkpoints_are_written_whole(tmp_path, monkeypatch):
 def test_a_signal_asks_the_training_loop_to_stop(name):
     import signal
 
-    from sd3mini.toy.train import StopOnSignal
+    from sd3mini.toy.ddp import StopOnSignal
 
     with StopOnSignal() as stop:
         os.kill(os.getpid(), getattr(signal, name))                 # no KeyboardInterrupt, no exit

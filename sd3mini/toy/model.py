@@ -31,7 +31,7 @@ class TextBlock(nn.Module):
 
     def __init__(self, width: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.heads = heads                       # of width // heads channels each
         self.norm1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -130,6 +130,21 @@ def toy_mmdit_config(width: int = 128, depth: int = 4, patch: int = 4, text_widt
     return MMDiTConfig(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch,
                        in_channels=channels, pos_embed_max_size=2 * image_size // patch,
                        adm_in_channels=text_width, context_in_dim=text_width, qk_norm=True)
+
+
+class ToySD3(nn.Module):
+    """The trainable pair: text encoder + MM-DiT, of the sizes a ``recipe.Recipe`` ``r`` gives. forward ->
+    the predicted velocity."""
+
+    def __init__(self, r):
+        super().__init__()
+        self.text = ToyTextEncoder(width=r.text_width, layers=r.text_layers, heads=r.heads)
+        self.mmdit = MMDiT(toy_mmdit_config(r.width, r.depth, r.patch, r.text_width, heads=r.heads)).initialize_weights()
+
+    def forward(self, zt, sigma, tokens):
+        """zt (B, 3, H, W) at noise levels sigma (B,), tokens (B, 16) -> the velocity (B, 3, H, W)."""
+        context, pooled = self.text(tokens)
+        return self.mmdit(zt, 1000 * sigma, y=pooled, context=context)
 
 
 SHIPPED = "assets/toy_sd3.safetensors"

@@ -35,8 +35,10 @@ from ..book import RESULTS
 from ..flow import process_in, process_out
 from . import data, judge
 from .backbones import build_backbone
+from .data import data_stats, training_batch
 from .model import ToyTextEncoder, toy_mmdit_config
-from .train import Recipe, data_stats, optimizer_step, training_batch
+from .recipe import Recipe
+from .train import optimizer_step
 
 STEP_COUNTS = (5, 10, 25)
 VAL_LEVELS = 8
@@ -45,14 +47,14 @@ VAL_LEVELS = 8
 @dataclass(frozen=True)
 class Arm:
     """One configuration: a formulation, a backbone and a size, trained with the short recipe."""
-    formulation: str = "rf/lognorm"
-    backbone: str = "mmdit"
-    depth: int = 4
-    width: int = 128
+    formulation: str = "rf/lognorm"   # one of formulations.FORMULATIONS
+    backbone: str = "mmdit"            # one of backbones.BACKBONES
+    depth: int = 4                     # blocks
+    width: int = 128                   # the backbone's hidden size
     heads: int = 2
-    steps: int = 2000
+    steps: int = 2000                  # training steps (short_recipe's schedule)
     batch: int = 48
-    seed: int = 0
+    seed: int = 0                      # of the initial weights and of the batches
 
     def name(self) -> str:
         return f"{self.formulation.replace('/', '-')}_{self.backbone}_d{self.depth}w{self.width}_seed{self.seed}"
