@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, state_dict_of
+from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, save_state_dict, state_dict_of
 from .convert import is_diffusers_mmdit, is_diffusers_vae, mmdit_from_diffusers, vae_from_diffusers
 from .keys import select
 from .mmdit import MMDiT, MMDiTConfig
@@ -226,8 +226,6 @@ def save_single_file(path, *, mmdit=None, vae=None, clip_l=None, clip_g=None, t5
                      dtype=None, metadata: dict | None = None):
     """Write models in the official single-file layout (``model.diffusion_model.*``, ``first_stage_model.*``,
     ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.*``). ``prefix=False`` writes a bare MM-DiT."""
-    from .checkpoint import save_state_dict
-
     if not prefix and any(m is not None for m in (vae, clip_l, clip_g, t5xxl)):
         raise ValueError("prefix=False writes an MM-DiT alone")
     parts = [(mmdit, MMDIT_PREFIX if prefix else ""), (vae, VAE_PREFIX)]

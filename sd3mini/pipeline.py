@@ -15,9 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from .checks import (ArgumentError, check_choice, check_denoise, check_dtype, check_inputs, check_prompts, check_sampling,
-                     check_seed, check_slg, needs_uncond, output_size)
+from .checks import (ArgumentError, check_choice, check_denoise, check_dtype, check_inputs, check_prompts,
+                     check_sampling, check_seed, check_slg, needs_uncond, output_size)
 from .checks import check_size  # noqa: F401  (chapter 4 calls sd3mini.pipeline.check_size)
 from .flow import LATENT_SCALE, LATENT_SHIFT, process_in, process_out
 from .loading import (TEXT_ENCODERS, check_text_encoders, load_mmdit, load_text_encoder, load_vae, mmdit_state_dict,
@@ -327,8 +328,6 @@ def free_memory(device):
 def image_grid(images, cols: int, upscale: int = 1, gap: int = 0, *, canvas=None, first: int = 0):
     """PIL images -> one picture, ``cols`` per row, each enlarged ``upscale`` times (nearest neighbour).
     ``canvas``: paste into this picture instead, from cell ``first`` on (a grid drawn in parts)."""
-    from PIL import Image
-
     w, h = images[0].width * upscale, images[0].height * upscale
     rows = -(-len(images) // cols)
     grid = canvas or Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")

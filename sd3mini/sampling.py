@@ -39,9 +39,9 @@ class CFGDenoiser:
 
         x0 = x0_uncond + cfg_scale * (x0_cond - x0_uncond)
 
-    With ``uncond=None`` there is no guidance (one conditional call; ``sample`` allows it at cfg_scale 1 only). ``slg`` (skip-layer guidance):
-    for calls strictly inside (start * steps, end * steps), one more conditional call with the blocks
-    ``layers`` skipped, and ``x0 += scale * (x0_cond - x0_skip)``.
+    With ``uncond=None`` there is no guidance: one conditional call (``sample`` allows it at cfg_scale 1 only).
+    ``slg`` (skip-layer guidance): for calls strictly inside (start * steps, end * steps), one more
+    conditional call with the blocks ``layers`` skipped, and ``x0 += scale * (x0_cond - x0_skip)``.
     """
 
     def __init__(self, model, cond, uncond, cfg_scale: float, slg: dict | None = None, steps: int = 0):

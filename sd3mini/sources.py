@@ -182,6 +182,7 @@ def _gated_message(repo: str) -> str:
 def hub_download(repo: str, filename: str | None = None, *, token=None, allow_patterns=None) -> Path:
     """Download one file (or, with ``allow_patterns``, a snapshot) from the Hub; a gated-repo refusal
     becomes a message that explains the licence and the token. Uses the Hub cache."""
+    # huggingface_hub is imported at the first download: loading local files does not need its import time
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)

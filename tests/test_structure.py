@@ -11,10 +11,19 @@ MODEL_MODULES = ("mmdit.py", "vae.py", "text.py")
 FILE_FREE = {"keys", "checks", "mmdit"}       # the sd3mini modules a model module may import
 
 
+def top_level(tree) -> set:
+    """The ids of a module's top-level statements; a module-level ``try:`` (Ctrl-C while torch loads, an
+    optional fcntl) counts as top level."""
+    top = set()
+    for node in tree.body:
+        top |= {id(n) for n in ast.walk(node)} if isinstance(node, ast.Try) else {id(node)}
+    return top
+
+
 def own_imports(path: Path):
     """(module name, line, at top level) for every import of an sd3mini module in ``path``."""
     tree = ast.parse(path.read_text())
-    top = {id(node) for node in tree.body}
+    top = top_level(tree)
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("sd3mini")):
@@ -59,3 +68,31 @@ def test_a_single_file_load_reads_each_header_once(monkeypatch, tmp_path):
     sd3mini.SD3Pipeline.from_single_file(path, tokenizer=sd3mini.SD3Tokenizer(t5=tiny_t5_tokenizer()),
                                          device="cpu")
     assert reads == [str(path)]
+
+
+def lazy_imports(path: Path):
+    """(line, source line, the line above) for every import that is not at the top of a module."""
+    tree = ast.parse(path.read_text())
+    lines = path.read_text().splitlines()
+    top = top_level(tree)
+    return [(n.lineno, lines[n.lineno - 1], lines[n.lineno - 2]) for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in top]
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_function_imports_own_modules_and_lazy_ones_say_why(path):
+    """``import sd3mini`` loads the package's modules: none is imported inside a function. A heavy optional
+    dependency imported where it is used (transformers, huggingface_hub) says why, on its line or above (a
+    group of imports: above the first)."""
+    own = [line for line, _, top in own_imports(path) if not top]
+    assert not own, f"{path.name} imports sd3mini modules inside functions, lines {own}"
+    said = ("#", "from ", "import ")
+    silent = [line for line, text, above in lazy_imports(path) if "#" not in text and not above.strip().startswith(said)]
+    assert not silent, f"{path.name}: lazy imports without a reason, lines {silent}"
+
+
+def test_each_file_is_a_few_screens():
+    """No module over 450 lines; the pipeline, which only assembles and runs, at most 350."""
+    lengths = {p.relative_to(PACKAGE).as_posix(): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert lengths["pipeline.py"] <= 350
+    assert not {name: n for name, n in lengths.items() if n > 450}

@@ -178,9 +178,9 @@ def data_stats(n: int = 2048, seed: int = 999) -> tuple[float, float]:
 
 
 def training_batch(r, step: int, rank: int, latent_scale: float, latent_shift: float, draw=None):
-    """(x0, captions, noise, sigma) of ``step`` on ``rank`` for the recipe ``r`` (``recipe.Recipe``): a function of (seed, rank, step) only, so
-    resuming is exact. ``draw(n, generator)``: the noise levels before the shift (default: ``r.t_sampler``;
-    the paper's arms draw each formulation's own)."""
+    """(x0, captions, noise, sigma) of ``step`` on ``rank`` for the recipe ``r`` (``recipe.Recipe``): a
+    function of (seed, rank, step) only, so resuming is exact. ``draw(n, generator)``: the noise levels
+    before the shift (default: ``r.t_sampler``; the paper's arms draw each formulation's own)."""
     seed = (r.seed * 1_000_003 + rank) * 10_000_019 + step
     # A curriculum: single objects first teach grid position, which pair captions never name
     # (benchmarks/RESULTS.md).

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import describe_checkpoint, file_metadata, open_state_dict, state_dict_of
+from ..checks import ArgumentError, check_cfg, check_choice, check_int, check_number, check_shift
+from ..keys import CheckpointError
+from ..loading import build
 from ..mmdit import Mlp, MMDiT, MMDiTConfig
+from ..pipeline import SD3Pipeline
+from ..sampling import SAMPLERS
 from .data import CELLS, COLOURS, IMAGE_SIZE, RELATIONS, SHAPES, SIZES
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -156,9 +162,6 @@ def shipped_path() -> Path:
 
 def load_toy(path=None, device="cpu"):
     """(mmdit, text_encoder, metadata) from a toy checkpoint (default: the one shipped with sd3mini)."""
-    from ..checkpoint import file_metadata
-    from ..loading import build, state_dict_of
-
     path = Path(path) if path is not None else shipped_path()
     if not path.exists():
         raise FileNotFoundError(f"no tiny-model weights at {path}; train them with `python -m sd3mini train-toy`")
@@ -180,8 +183,8 @@ def load_toy(path=None, device="cpu"):
 
 
 def _text_config(path, meta: dict) -> dict:
-    """The text encoder's settings; files before 2026-12 also stored ``pool``, always "eos" (the only one now)."""
-    from ..checkpoint import CheckpointError
+    """The text encoder's settings. Shim, dropped in sd3mini 0.2.0: files before 2026-12 also stored
+    ``pool``, always "eos" (the only one now)."""
 
     config = dict(meta["text"])
     if config.pop("pool", "eos") != "eos":
@@ -194,7 +197,6 @@ TOY_META_KEYS = ("mmdit", "text", "latent_scale", "latent_shift", "image_size", 
 
 def toy_metadata(path) -> dict:
     """The ``sd3mini_toy`` metadata of a tiny-model checkpoint, or a CheckpointError that says what is wrong."""
-    from ..checkpoint import CheckpointError, describe_checkpoint, file_metadata, open_state_dict
 
     raw = file_metadata(path).get("sd3mini_toy")
     if raw is None:
@@ -218,7 +220,6 @@ def toy_metadata(path) -> dict:
 def _check_mmdit_shapes(path, meta: dict, sd: dict) -> MMDiTConfig:
     """The MM-DiT the metadata describes must be the one the tensors hold (checked on their shapes, so a
     small file whose metadata describes a huge model is refused before anything is allocated)."""
-    from ..checkpoint import CheckpointError
 
     try:
         described = MMDiTConfig(**{**meta["mmdit"], "x_block_self_attn_layers":
@@ -242,7 +243,6 @@ def _check_mmdit_shapes(path, meta: dict, sd: dict) -> MMDiTConfig:
 
 
 def _check_text_shapes(path, meta: dict, sd: dict):
-    from ..checkpoint import CheckpointError
 
     text = meta["text"]
     try:
@@ -264,7 +264,6 @@ TOY_MAX_PARAMS = 50_000_000
 
 
 def _check_size(path, sd: dict):
-    from ..checkpoint import CheckpointError
 
     n = sum(math.prod(t.shape) for t in sd.values())
     if n > TOY_MAX_PARAMS:
@@ -274,9 +273,6 @@ def _check_size(path, sd: dict):
 
 def _check_values(path, meta: dict, cfg: MMDiTConfig):
     """Every value the pipeline uses, each with a message that names the file: shapes are not enough."""
-    from ..checkpoint import CheckpointError
-    from ..checks import ArgumentError, check_cfg, check_choice, check_int, check_number, check_shift
-    from ..sampling import SAMPLERS
 
     text, defaults = meta["text"], meta["defaults"]
     try:
@@ -310,7 +306,6 @@ QUIET_EVALUATIONS = 2000
 def pipeline_of(mmdit, text, latent_scale: float, latent_shift: float, defaults: dict, device="cpu",
                 image_size: int = IMAGE_SIZE):
     """An ``SD3Pipeline`` around a tiny MM-DiT and its text encoder: loaded, or in the middle of training."""
-    from ..pipeline import SD3Pipeline
 
     pipe = SD3Pipeline(mmdit, PixelSpace(), text, model="toy", device=device, latent_scale=latent_scale,
                        latent_shift=latent_shift, defaults=defaults, default_size=image_size)
