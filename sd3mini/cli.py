@@ -22,7 +22,7 @@ from .loading import clip_shape, mmdit_state_dict, text_encoder_state_dict, vae_
 from .mmdit import MMDiT, MMDiTConfig
 from .pipeline import OFFLOAD_MODES, SD3Pipeline, detect_model, image_grid
 from .sampling import SAMPLERS
-from .sources import DIFFUSERS_FOLDERS, HUB_MODELS, diffusers_root, looks_like_repo
+from .sources import DIFFUSERS_FOLDERS, HUB_MODELS, diffusers_root, is_diffusers
 from .text import CLIPTextEncoder, T5TextEncoder
 from .toy.model import toy_pipeline
 from .toy.train import main as train_main
@@ -109,9 +109,7 @@ def load_pipeline(args, init=None):
         raise ArgumentError(f"--ckpt {ckpt} is a train-toy training state (model, EMA and optimizer); generate "
                             f"from the weights it exported: --ckpt {ckpt.parent / 'toy_sd3.safetensors'}")
     kwargs = dict(device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload, no_t5=args.no_t5)
-    # owner/name is a Hub repository unless a folder "owner" is here: then it is a mistyped local path
-    hub_id = not ckpt.exists() and not ckpt.parent.is_dir() and looks_like_repo(args.ckpt)
-    diffusers = ckpt.is_dir() or (args.ckpt not in HUB_MODELS and hub_id)
+    diffusers = is_diffusers(args.ckpt)
     check_sd3_options(args, diffusers)
     if diffusers:
         root = diffusers_root(args.ckpt, no_t5=args.no_t5)              # a Hub repository is downloaded here

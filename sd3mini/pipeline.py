@@ -153,8 +153,9 @@ class SD3Pipeline:
         lazy = offload == "sequential"
 
         def component(load, src, *args, dtype=dtype, **attrs):
-            make = lambda: load(src, *args, device=place, dtype=dtype)  # noqa: E731
-            return OnDisk(make, **attrs) if lazy else make()
+            if lazy:   # reopened by path at each stage: no file stays memory-mapped between stages
+                return OnDisk(lambda: load(src.path, *args, device=place, dtype=dtype), **attrs)
+            return load(src, *args, device=place, dtype=dtype)
 
         pipe.mmdit = component(load_mmdit, sources["mmdit"], config=mmdit_config)
         pipe.vae = component(load_vae, sources["vae"], dtype=_vae_dtype(dtype),

@@ -117,6 +117,15 @@ def diffusers_sources(path_or_repo, *, no_t5: bool = False, token=None) -> tuple
     return open_sources(paths), root
 
 
+def is_diffusers(name) -> bool:
+    """Whether ``name`` is for ``diffusers_sources`` (a folder, or an owner/name Hub repository) rather
+    than ``single_file_sources`` (a file or a model name). owner/name is a local path, mistyped, when a
+    folder "owner" is here."""
+    path = Path(str(name))
+    hub_id = not path.exists() and not path.parent.is_dir() and looks_like_repo(str(name))
+    return path.is_dir() or (str(name) not in HUB_MODELS and hub_id)
+
+
 def diffusers_root(path_or_repo, *, no_t5: bool = False, token=None) -> Path:
     """The folder ``from_pretrained`` loads: a local diffusers folder (checked), or a Hub repository's
     files, downloaded (without T5 when ``no_t5``)."""
