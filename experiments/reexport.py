@@ -11,7 +11,10 @@ from dataclasses import asdict
 
 import torch
 
-from sd3mini.toy.train import Recipe, ToySD3, data_stats, export, load_training_state, recipe_from, training_meta
+from sd3mini.toy.checkpoints import export, load_training_state, training_meta
+from sd3mini.toy.data import data_stats
+from sd3mini.toy.model import ToySD3
+from sd3mini.toy.recipe import Recipe, recipe_from
 
 
 def reexport(state, out, cfg_scale: float) -> Recipe:

@@ -24,9 +24,9 @@ from sd3mini.flow import flow_matching_loss, interpolate, process_in, process_ou
 from sd3mini.mmdit import MMDiT
 from sd3mini.sampling import make_noise, sample
 from sd3mini.toy import data
-from sd3mini.toy.judge import score
-from sd3mini.toy.model import toy_mmdit_config
-from sd3mini.toy.train import Recipe, ToySD3, eval_captions_subset
+from sd3mini.toy.judge import eval_captions_subset, score
+from sd3mini.toy.model import ToySD3, toy_mmdit_config
+from sd3mini.toy.recipe import Recipe
 from sd3mini.vae import SDVAE, VAEConfig, sample_latent
 
 VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, in_channels=3, z_channels=4)   # 32x32x3 -> 16x16x4

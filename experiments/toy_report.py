@@ -105,7 +105,7 @@ def fresh_pairs(ckpt=None, n: int = 100, seed: int = 20261202) -> dict:
     """``n`` new pair captions (drawn with ``seed``, none of them in the evaluation set; every colour-shape
     combination, held-out ones included), as the CLI would draw them: caption i from noise seed 10 000 + i,
     the model's default sampler. Judged twice: fully specified, and with the size words left out."""
-    from sd3mini.toy.train import generate
+    from sd3mini.toy.judge import generate
 
     pipe = toy_pipeline(ckpt)
     rng, known, scenes = random.Random(seed), set(data.eval_captions()), []

@@ -5,7 +5,8 @@
     vae        the 16-channel VAE
     text       CLIP-L, CLIP-G, T5-XXL and SD3's tokenization and conditioning
     sampling   Euler, DPM++(2M), classifier-free and skip-layer guidance
-    loading    official single files, standalone text encoders, diffusers folders, the Hub
+    sources    what the user names (a file, a model name, a diffusers folder, a Hub repo) -> opened sources
+    loading    modules from state dicts: the official layouts, standalone text encoders, diffusers
     pipeline   SD3Pipeline: prompt -> image
 """
 
@@ -15,10 +16,11 @@ try:
     from .checkpoint import CheckpointError, open_state_dict
     from .flow import (LATENT_SCALE, LATENT_SHIFT, flow_matching_loss, get_sigmas, interpolate, process_in,
                        process_out, sample_t, time_shift, velocity_target)
-    from .loading import download, load_mmdit, load_text_encoder, load_vae
+    from .loading import load_mmdit, load_text_encoder, load_vae
     from .mmdit import MMDiT, MMDiTConfig, cropped_pos_embed, get_2d_sincos_pos_embed, timestep_embedding
     from .pipeline import SD3Pipeline
     from .sampling import make_noise, sample
+    from .sources import download
     from .text import SD3TextEncoder, SD3Tokenizer, clip_tokenizer, encode_prompt
     from .vae import SDVAE, VAEConfig
 except KeyboardInterrupt:   # Ctrl-C while torch is imported: under python -m (argv[0] is "-m" until the

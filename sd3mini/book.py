@@ -15,13 +15,19 @@ package data (``sd3mini/toy/results/``), not files beside the notebooks.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import urllib.request
 from pathlib import Path
 
-from .loading import HUB_MODELS, HUB_TEXT_ENCODERS, TEXT_ENCODERS
+import torch
+from PIL import Image
+
+from .loading import TEXT_ENCODERS
 from .pipeline import default_dtype
+from .sources import HUB_MODELS, HUB_TEXT_ENCODERS, download, tokenizer_for
 
 RESULTS = Path(__file__).parent / "toy" / "results"     # written by experiments/toy_report.py
 WEIGHTS_ENV = "SD3MINI_WEIGHTS"                         # a local folder laid out as the Hub repository
@@ -53,8 +59,6 @@ def real_weights_device():
 
     ``$SD3MINI_BOOK_DEVICE`` overrides it; the tests set ``cpu`` to run the same cells on tiny local
     files. Only ``cpu`` and ``cuda[:n]`` are accepted (a ValueError names the value otherwise)."""
-    import torch
-
     value = os.environ.get(DEVICE_ENV, "").strip()
     if not value:
         return torch.device("cuda")
@@ -75,8 +79,6 @@ def real_weights_dtype(precise: bool = False):
 
     ``precise=True``: float32 on every device, for a cell that measures a model rather than a number
     format and can afford it (chapter 3's VAE, 0.3 GB)."""
-    import torch
-
     return torch.float32 if precise else default_dtype(real_weights_device())
 
 
@@ -88,8 +90,6 @@ def device_memory() -> tuple[str, int]:
     """``(name, bytes)`` of the memory a cell plans with: on a GPU its name and total memory
     (``torch.cuda.get_device_properties``); on the CPU (the tests' override) ``"CPU (host RAM)"`` and
     the host's physical memory, the memory the same code would fill there."""
-    import torch
-
     device = real_weights_device()
     if _cuda(device):
         props = torch.cuda.get_device_properties(device)
@@ -102,7 +102,7 @@ _cpu_peak_at_reset = 0
 
 def _peak_rss() -> int:
     """The process's peak resident memory so far, in bytes (ru_maxrss: kilobytes on Linux)."""
-    import resource
+    import resource                       # Unix only: imported where it is used
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
@@ -111,8 +111,6 @@ def _peak_rss() -> int:
 def reset_peak_memory():
     """Start a peak-memory measurement: ``torch.cuda.reset_peak_memory_stats`` on a GPU. On the CPU the
     operating system keeps one peak per process that cannot be reset; it is only noted."""
-    import torch
-
     global _cpu_peak_at_reset
     device = real_weights_device()
     if _cuda(device):
@@ -125,8 +123,6 @@ def peak_memory() -> int:
     """Bytes at the peak since ``reset_peak_memory()``: on a GPU the most that PyTorch's tensors held
     (``torch.cuda.max_memory_allocated``). On the CPU a stand-in that is an upper bound: the whole
     process's peak resident memory since it started (Python, libraries, earlier cells included)."""
-    import torch
-
     device = real_weights_device()
     if _cuda(device):
         return int(torch.cuda.max_memory_allocated(device))
@@ -154,7 +150,7 @@ def _colab_token() -> bool:
     if "google.colab" not in sys.modules:
         return False
     try:
-        from google.colab import userdata
+        from google.colab import userdata            # only in Colab
 
         return bool((userdata.get("HF_TOKEN") or "").strip())
     except Exception:
@@ -166,15 +162,13 @@ def _hub_token() -> bool:
     or, on Colab, in its Secrets as ``HF_TOKEN`` (``huggingface_hub`` reads it from there too)."""
     if os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"):
         return True
-    from huggingface_hub import constants
+    from huggingface_hub import constants   # imported only when no token is in the environment
 
     return Path(constants.HF_TOKEN_PATH).is_file() or _colab_token()
 
 
 def _missing(model: str, text_encoders=TEXT_ENCODERS) -> str | None:
     """Why the real weights cannot run here (one line), or None if they can."""
-    import torch
-
     if model not in HUB_MODELS:
         return f"unknown model {model!r}; choose one of {sorted(HUB_MODELS)}."
     device = real_weights_device()
@@ -222,8 +216,6 @@ def real_weights_available(model: str = "sd3_medium", text_encoders=TEXT_ENCODER
 def real_weights(model: str = "sd3_medium", text_encoders=TEXT_ENCODERS) -> dict[str, Path]:
     """``{"model": path, "clip_l": path, ...}``: the files in ``$SD3MINI_WEIGHTS`` or, without it, the Hub
     download (cached after the first time). Call after ``real_weights_available()`` said yes."""
-    from .loading import download
-
     local = _local_weights(model)
     if local is not None:
         return {k: v for k, v in local.items() if k == "model" or k in text_encoders}
@@ -235,22 +227,15 @@ def real_tokenizer():
     T5's comes from ``tokenizer_3/`` in ``$SD3MINI_WEIGHTS`` where that folder exists (the SD3.5
     repositories have one), else from google/t5-v1_1-xxl on the Hub (public, cached after the first
     time), as ``SD3Pipeline.from_single_file`` reads it."""
-    from .pipeline import _tokenizer
-
     folder = os.environ.get(WEIGHTS_ENV)
     local = Path(folder).expanduser() / T5_TOKENIZER_FOLDER if folder else None
-    return _tokenizer(str(local) if local is not None and local.is_dir() else None, need_t5=True)
+    return tokenizer_for(str(local) if local is not None and local.is_dir() else None, need_t5=True)
 
 
 def example_photo():
     """The chapters' example photo as an RGB PIL image: ``astronaut.jpg`` from torchvision's gallery,
     downloaded from ``PHOTO_URL``. ``$SD3MINI_PHOTO``: a local image file instead (the tests use one;
     so can a reader offline)."""
-    import io
-    import urllib.request
-
-    from PIL import Image
-
     local = os.environ.get(PHOTO_ENV)
     if local:
         return Image.open(Path(local).expanduser()).convert("RGB")

@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .keys import CheckpointError  # noqa: F401  (raised here; sd3mini.checkpoint.CheckpointError)
+
 try:
     import fcntl
 except ImportError:                                   # Windows: no flock, folders are not locked
@@ -25,10 +27,6 @@ _DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-
-
-class CheckpointError(ValueError):
-    """A file that is not what the caller asked for; the message says what it looks like instead."""
 
 
 class LazyTensor:
@@ -49,21 +47,6 @@ class LazyTensor:
 def materialize(t) -> torch.Tensor:
     """The tensor itself: a LazyTensor is read, anything else is returned as it is."""
     return t.load() if isinstance(t, LazyTensor) else t
-
-
-def prefix_of(sd, key: str, prefix: str, what: str) -> str:
-    """``prefix`` if ``sd`` holds ``prefix + key``, "" if it holds ``key``; else a KeyError naming ``what``."""
-    if prefix + key in sd:
-        return prefix
-    if key not in sd:
-        raise KeyError(f"not {what} state dict: {key!r} is missing")
-    return ""
-
-
-def num_blocks(sd, prefix: str) -> int:
-    """How many indexed blocks ``{prefix}{i}.*`` the keys of ``sd`` hold: 1 + the largest i (0 if none)."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return 1 + max((int(m.group(1)) for k in sd if (m := pattern.match(k))), default=-1)
 
 
 def read_header(path) -> dict:
@@ -185,10 +168,10 @@ def file_metadata(path) -> dict:
 
 def state_dict_of(src) -> dict:
     """A path (file or folder) -> lazy state dict; a dict is returned as it is."""
+    if isinstance(src, dict):               # first: a sources.Source is a state dict that has a path
+        return src
     if isinstance(src, (str, os.PathLike)):
         return open_state_dict(src)
-    if isinstance(src, dict):
-        return src
     raise TypeError(f"expected a path or a state dict, got {type(src).__name__}")
 
 

@@ -166,3 +166,109 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+# --- sampling (``sample`` and the pipeline, before any step runs) ---------------------------------------
+def check_sampling(*, steps, shift, cfg_scale, sampler, samplers):
+    """The scalar arguments of a sampling run; ``samplers``: the names there are (``sampling.SAMPLERS``)."""
+    check_int("steps", steps, minimum=1)
+    check_shift("shift", shift)
+    check_cfg("cfg_scale", cfg_scale)
+    if sampler not in samplers:
+        raise ArgumentError(f"unknown sampler {sampler!r}; choose one of {samplers}")
+
+
+def check_denoise(denoise, has_init: bool, *, name: str = "denoise", init: str = "init_image",
+                  default: float = 1.0) -> float:
+    """Image-to-image strength in (0, 1] (None: ``default``); below 1 it needs the init image that
+    ``init`` names (1 is text-to-image: the init image is weighted 0)."""
+    if denoise is None:
+        return default
+    check_number(name, denoise)                       # a finite real number (numpy's included)
+    if not 0 < denoise <= 1:
+        raise ArgumentError(f"{name} must be in (0, 1], got {denoise!r}")
+    if not has_init and denoise != 1:
+        raise ArgumentError(f"{name}={denoise!r} applies to image-to-image only: pass {init} too")
+    return denoise
+
+
+def needs_uncond(cfg_scale) -> bool:
+    """Whether a run guides: at cfg_scale 1 the unconditional pass cancels out, so none is needed."""
+    return cfg_scale != 1.0
+
+
+def check_guidance(cfg_scale, uncond):
+    """Guidance (cfg_scale other than 1) needs an unconditional input; without one it would silently not guide."""
+    if needs_uncond(cfg_scale) and uncond is None:
+        raise ArgumentError(f"cfg_scale={cfg_scale!r} asks for guidance, which needs uncond (context, pooled): "
+                            "pass it, or cfg_scale=1.0 to sample without guidance")
+
+
+SLG_KEYS = ("scale", "start", "end", "layers")
+
+
+def check_slg(slg, depth: int | None):
+    """None, or dict(scale >= 0, 0 <= start <= end <= 1, layers: indices of this model's joint blocks)."""
+    if slg is None:
+        return None
+    if not isinstance(slg, dict) or set(slg) != set(SLG_KEYS):
+        raise ArgumentError(f"slg must be a dict with the keys {', '.join(SLG_KEYS)} (or True in the pipeline), got {slg!r}")
+    check_number("slg scale", slg["scale"], minimum=0)
+    check_number("slg start", slg["start"], minimum=0, maximum=1)
+    check_number("slg end", slg["end"], minimum=slg["start"], maximum=1)
+    layers = slg["layers"]
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ArgumentError(f"slg layers must be a non-empty list of joint-block indices, got {layers!r}")
+    for layer in layers:
+        check_int("slg layer", layer)
+        if depth is not None and not 0 <= layer < depth:
+            raise ArgumentError(f"slg layer {layer} is out of range: this model has {depth} joint blocks "
+                                f"(0-{depth - 1})")
+    return slg
+
+
+def check_inputs(config, noise, cond, uncond, init_latent=None):
+    """Shapes that fit the model and each other, and no NaN or inf in any input."""
+    check_finite_tensor("noise", noise)
+    if noise.ndim != 4:
+        raise ArgumentError(f"noise must be (batch, channels, height, width), got shape {tuple(noise.shape)}")
+    batch = noise.shape[0]
+    for name, pair in (("cond", cond), ("uncond", uncond)):
+        if pair is None and name == "uncond":
+            continue
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ArgumentError(f"{name} must be (context, pooled), got {type(pair).__name__}")
+        context, pooled = pair
+        check_finite_tensor(f"{name} context", context)
+        check_finite_tensor(f"{name} pooled", pooled)
+        if context.ndim != 3 or pooled.ndim != 2 or context.shape[0] != batch or pooled.shape[0] != batch:
+            raise ArgumentError(f"{name} has context {tuple(context.shape)} and pooled {tuple(pooled.shape)}; "
+                                f"for noise of batch {batch} they must be ({batch}, L, C) and ({batch}, C)")
+    if uncond is not None and uncond[0].shape != cond[0].shape:
+        raise ArgumentError(f"uncond context {tuple(uncond[0].shape)} and cond context {tuple(cond[0].shape)} "
+                            "must have the same shape")
+    if init_latent is not None:
+        check_finite_tensor("init_latent", init_latent)
+        if init_latent.shape != noise.shape:
+            raise ArgumentError(f"init_latent has shape {tuple(init_latent.shape)}; it must match noise "
+                                f"{tuple(noise.shape)}")
+    if config is not None:
+        _check_fits_model(config, noise, cond)
+
+
+def _check_fits_model(config, noise, cond):
+    channels, h, w = noise.shape[1:]
+    largest = config.pos_embed_max_size * config.patch_size
+    if channels != config.in_channels:
+        raise ArgumentError(f"noise has {channels} channels; this model takes {config.in_channels}")
+    if h % config.patch_size or w % config.patch_size:
+        raise ArgumentError(f"noise is {h}x{w}; this model needs sizes divisible by its patch size "
+                            f"{config.patch_size}")
+    if h > largest or w > largest:
+        raise ArgumentError(f"noise is {h}x{w}, larger than this model takes: at most {largest}x{largest} "
+                            f"(its {config.pos_embed_max_size}x{config.pos_embed_max_size} position grid of "
+                            f"{config.patch_size}x{config.patch_size} patches)")
+    context, pooled = cond
+    if context.shape[-1] != config.context_in_dim or pooled.shape[-1] != config.adm_in_channels:
+        raise ArgumentError(f"cond has context width {context.shape[-1]} and pooled width {pooled.shape[-1]}; "
+                            f"this model takes {config.context_in_dim} and {config.adm_in_channels}")

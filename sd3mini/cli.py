@@ -13,9 +13,20 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .checks import ArgumentError, Parser, check_cfg, check_int, check_seed, check_shift, output_size
-from .pipeline import OFFLOAD_MODES
+from .checkpoint import (CheckpointError, describe_checkpoint, file_metadata, open_state_dict, safetensors_files,
+                         state_dict_of, written_whole)
+from .checks import ArgumentError, Parser, check_cfg, check_denoise, check_int, check_seed, check_shift, output_size
+from .loading import clip_shape, mmdit_state_dict, text_encoder_state_dict, vae_state_dict
+from .mmdit import MMDiT, MMDiTConfig
+from .pipeline import OFFLOAD_MODES, SD3Pipeline, detect_model, image_grid
+from .sampling import SAMPLERS
+from .sources import DIFFUSERS_FOLDERS, HUB_MODELS, diffusers_root, is_diffusers
+from .text import CLIPTextEncoder, T5TextEncoder
+from .toy.model import toy_pipeline
+from .toy.train import main as train_main
+from .vae import SDVAE, VAEConfig, rgb_image
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -27,10 +38,6 @@ def _meta_params(cls, config) -> int:
 
 
 def _mmdit_lines(sd, path) -> list[str]:
-    from .loading import mmdit_state_dict
-    from .mmdit import MMDiT, MMDiTConfig
-    from .pipeline import detect_model
-
     cfg = MMDiTConfig.from_state_dict(mmdit_state_dict(sd))
     n = _meta_params(MMDiT, cfg)
     grid = cfg.pos_embed_max_size
@@ -42,18 +49,12 @@ def _mmdit_lines(sd, path) -> list[str]:
 
 
 def _vae_lines(sd, path) -> list[str]:
-    from .loading import vae_state_dict
-    from .vae import SDVAE, VAEConfig
-
     vcfg = VAEConfig.from_state_dict(vae_state_dict(sd))
     n = _meta_params(SDVAE, vcfg)
     return [f"  VAE: {n / 1e6:.1f} M parameters, ch {vcfg.ch}, ch_mult {list(vcfg.ch_mult)}, z {vcfg.z_channels}"]
 
 
 def _text_lines(sd) -> list[str]:
-    from .loading import clip_shape, text_encoder_state_dict
-    from .text import CLIPTextEncoder, T5TextEncoder
-
     bundled = [k for k in ("clip_l", "clip_g", "t5xxl") if any(key.startswith(f"text_encoders.{k}.") for key in sd)]
     if not bundled and "text_model.embeddings.token_embedding.weight" in sd:    # a standalone CLIP file
         bundled = [clip_shape(sd)["kind"] or "clip"]      # another width than CLIP-L's or CLIP-G's: either
@@ -77,9 +78,6 @@ def _text_lines(sd) -> list[str]:
 def info(path: str) -> str:
     """Describe a checkpoint from its header alone: detected model, configuration, parameters, dtypes.
     A diffusers folder: each of its components."""
-    from .checkpoint import CheckpointError, describe_checkpoint, open_state_dict, safetensors_files
-    from .pipeline import DIFFUSERS_FOLDERS
-
     root = Path(path)
     if root.is_dir() and all((root / d).is_dir() for d in DIFFUSERS_FOLDERS):
         parts = sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.safetensors")))
@@ -102,11 +100,6 @@ def info(path: str) -> str:
 def load_pipeline(args, init=None):
     """The pipeline ``generate`` runs: the shipped tiny model when no --ckpt is given. For an SD3 checkpoint,
     the options and the sizes its header settles are checked before anything is loaded."""
-    from .checkpoint import file_metadata
-    from .loading import HUB_MODELS
-    from .pipeline import SD3Pipeline, diffusers_root, looks_like_repo
-    from .toy.model import toy_pipeline
-
     ckpt = Path(args.ckpt) if args.ckpt is not None else None
     meta = file_metadata(ckpt) if ckpt is not None and ckpt.is_file() else {}
     if ckpt is None or "sd3mini_toy" in meta:
@@ -116,9 +109,7 @@ def load_pipeline(args, init=None):
         raise ArgumentError(f"--ckpt {ckpt} is a train-toy training state (model, EMA and optimizer); generate "
                             f"from the weights it exported: --ckpt {ckpt.parent / 'toy_sd3.safetensors'}")
     kwargs = dict(device=args.device, dtype=DTYPES.get(args.dtype), offload=args.offload, no_t5=args.no_t5)
-    # owner/name is a Hub repository unless a folder "owner" is here: then it is a mistyped local path
-    hub_id = not ckpt.exists() and not ckpt.parent.is_dir() and looks_like_repo(args.ckpt)
-    diffusers = ckpt.is_dir() or (args.ckpt not in HUB_MODELS and hub_id)
+    diffusers = is_diffusers(args.ckpt)
     check_sd3_options(args, diffusers)
     if diffusers:
         root = diffusers_root(args.ckpt, no_t5=args.no_t5)              # a Hub repository is downloaded here
@@ -145,8 +136,6 @@ def check_sd3_options(args, diffusers: bool):
 
 # The official models' MM-DiTs (in their Hub files): their size rules, before a download.
 def _hub_configs():
-    from .mmdit import MMDiTConfig
-
     return {"sd3_medium": MMDiTConfig.sd3_medium(), "sd3.5_large": MMDiTConfig.sd3_5_large(),
             "sd3.5_large_turbo": MMDiTConfig.sd3_5_large(), "sd3.5_medium": MMDiTConfig.sd3_5_medium()}
 
@@ -154,11 +143,6 @@ def _hub_configs():
 def check_size_from_header(args, init, mmdit_src, vae_src):
     """The image and picture sizes, from the MM-DiT's and the VAE's headers (or the official model's
     configuration, by name), before anything is loaded: the same rules as ``SD3Pipeline.output_size``."""
-    from .checkpoint import CheckpointError, state_dict_of
-    from .loading import HUB_MODELS, mmdit_state_dict, vae_state_dict
-    from .mmdit import MMDiTConfig
-    from .vae import VAEConfig
-
     downscale = 8                                      # SD3's VAE
     if str(mmdit_src) in HUB_MODELS and not Path(str(mmdit_src)).exists():
         config = _hub_configs()[str(mmdit_src)]
@@ -210,8 +194,6 @@ def check_toy_options(args):
 def check_output(path: Path, force: bool):
     """The output can be written, before anything is sampled: an existing, writable folder, an image
     extension PIL can write, not a folder itself, and not an existing file unless --force."""
-    from PIL import Image
-
     if path.is_dir():
         raise ArgumentError(f"--output {path} is a folder; give a file name such as {path / 'out.png'}")
     if not path.parent.is_dir():
@@ -246,11 +228,7 @@ def check_generate_args(args):
         check_shift("--shift", args.shift)
     if args.seed is not None:
         check_seed(args.seed, args.grid**2, name="--seed")
-    if args.denoise is not None:
-        if args.init_image is None:
-            raise ArgumentError("--denoise applies to image-to-image only: pass --init-image too")
-        if not 0 < args.denoise <= 1:
-            raise ArgumentError(f"--denoise must be in (0, 1], got {args.denoise}")
+    check_denoise(args.denoise, args.init_image is not None, name="--denoise", init="--init-image")
     if args.init_image is not None and not Path(args.init_image).is_file():
         raise ArgumentError(f"--init-image {args.init_image}: no such file")
     check_output(Path(args.output), args.force)
@@ -258,10 +236,6 @@ def check_generate_args(args):
 
 def open_image(path):
     """The --init-image as 8-bit RGB (16-bit and float images scaled, not clipped)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from .vae import rgb_image
-
     try:
         image = Image.open(path)
         image.load()
@@ -285,19 +259,15 @@ def grid_batches(n: int, pixels: int) -> list[tuple[int, int]]:
 
 
 def generate(args) -> Path:
-    from PIL import Image
-
-    from .pipeline import image_grid
-
     check_generate_args(args)
     init = open_image(args.init_image) if args.init_image else None
     pipe = load_pipeline(args, init)
     n = args.grid**2
     width, height = pipe.output_size(args.width, args.height, init)
-    upscale = args.upscale or (4 if pipe.model == "toy" else 1)
+    upscale = args.upscale or pipe.upscale
     picture = Image.new("RGB", picture_size(args, width, height, upscale), "white")   # white lines between images
     steps = args.steps if args.steps is not None else pipe.defaults["steps"]
-    long_run = pipe.model != "toy" or n * steps >= TOY_QUIET_EVALUATIONS
+    long_run = n * steps >= pipe.quiet_evaluations
     seed = args.seed if args.seed is not None else random.randrange(2**31)           # image i: seed + i
     for first, count in grid_batches(n, width * height):
         images = pipe([args.prompt] * count, args.negative, width=args.width, height=args.height, steps=args.steps,
@@ -318,10 +288,6 @@ def save_picture(picture, out: Path, parameters: str):
     """Written whole under a unique temporary name, then renamed: never half an image, even with two runs
     writing the same file. The parameters go in a PNG text chunk, or for JPEG and WebP in the EXIF
     UserComment (UTF-16, as other tools write it)."""
-    from PIL import Image, PngImagePlugin
-
-    from .checkpoint import written_whole
-
     kind = Image.registered_extensions()[out.suffix.lower()]
     options = {}
     if kind in ("JPEG", "WEBP"):
@@ -334,9 +300,6 @@ def save_picture(picture, out: Path, parameters: str):
     with written_whole(out) as tmp:
         picture.save(tmp, format=kind, **options)
 
-
-# The tiny model runs ~100 model evaluations a second on one core: below this many, no progress bar.
-TOY_QUIET_EVALUATIONS = 2000
 
 EPILOG = """Errors print one line, "error: ...", and exit with 2 for a bad option (usage) or 1 when a run fails
 (a file that cannot be loaded, the Hub, numerics); --debug shows the traceback before it."""
@@ -362,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-t5", action="store_true", help="run without T5-XXL (zeros in its place)")
     p.add_argument("--width", type=int), p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int), p.add_argument("--cfg", type=float), p.add_argument("--shift", type=float)
-    p.add_argument("--sampler", choices=["euler", "dpmpp_2m"])
+    p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--seed", type=int)
     p.add_argument("--init-image"), p.add_argument("--denoise", type=float, help="with --init-image (default 0.8)")
     p.add_argument("--slg", action="store_true", help="skip-layer guidance (SD3.5-medium)")
@@ -402,8 +365,6 @@ def main(argv=None):
 
 def run(argv) -> int:
     if argv[:1] == ["train-toy"]:                       # its own parser: every recipe field is an option
-        from .toy.train import main as train_main
-
         return train_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     if args.command == "info":

@@ -22,14 +22,17 @@ LATENT_SCALE = 1.5305
 LATENT_SHIFT = 0.0609
 
 
-def process_in(z: torch.Tensor, scale: float = LATENT_SCALE, shift: float = LATENT_SHIFT) -> torch.Tensor:
-    """VAE latent -> diffusion-model space. Apply after ``vae.encode``."""
-    return (z - shift) * scale
+def process_in(z: torch.Tensor, latent_scale: float = LATENT_SCALE,
+               latent_shift: float = LATENT_SHIFT) -> torch.Tensor:
+    """VAE latent -> diffusion-model space. Apply after ``vae.encode``. (``latent_shift`` is the latent
+    format's offset; the schedule's ``shift`` is ``time_shift``'s, another thing.)"""
+    return (z - latent_shift) * latent_scale
 
 
-def process_out(z: torch.Tensor, scale: float = LATENT_SCALE, shift: float = LATENT_SHIFT) -> torch.Tensor:
+def process_out(z: torch.Tensor, latent_scale: float = LATENT_SCALE,
+                latent_shift: float = LATENT_SHIFT) -> torch.Tensor:
     """Diffusion-model space -> VAE latent. Apply before ``vae.decode``."""
-    return z / scale + shift
+    return z / latent_scale + latent_shift
 
 
 # --- The noise schedule ----------------------------------------------------------------------------

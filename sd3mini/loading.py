@@ -12,12 +12,12 @@ import os
 import re
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, state_dict_of
+from .checkpoint import CheckpointError, LazyTensor, describe_checkpoint, materialize, save_state_dict, state_dict_of
 from .convert import is_diffusers_mmdit, is_diffusers_vae, mmdit_from_diffusers, vae_from_diffusers
+from .keys import select
 from .mmdit import MMDiT, MMDiTConfig
 from .text import CLIP_SHAPES, CLIPTextEncoder, T5TextEncoder, clip_shape
 from .vae import SDVAE, VAEConfig
@@ -28,10 +28,6 @@ TEXT_PREFIX = "text_encoders.{}.transformer."
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5xxl")
 # Keys some files carry that no sd3mini module needs; dropped without a warning.
 _HARMLESS = re.compile(r"(.*position_ids|.*\.logit_scale|model_sampling\..*|loss\..*)$")
-
-
-def _select(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _most_common_float_dtype(sd: dict):
@@ -95,7 +91,7 @@ def build(make, sd: dict, *, what: str, device=None, dtype=None, keep_fp32=(), a
 def mmdit_state_dict(sd: dict) -> dict:
     """The MM-DiT part of any supported layout, under official names without prefix."""
     if any(k.startswith(MMDIT_PREFIX + "joint_blocks.") for k in sd):
-        return _select(sd, MMDIT_PREFIX)
+        return select(sd, MMDIT_PREFIX)
     if any(k.startswith("joint_blocks.") for k in sd):
         return {k: v for k, v in sd.items() if not k.startswith(("first_stage_model.", "text_encoders."))}
     if is_diffusers_mmdit(sd):
@@ -106,7 +102,7 @@ def mmdit_state_dict(sd: dict) -> dict:
 def vae_state_dict(sd: dict) -> dict:
     """The VAE part of any supported layout, under official names without prefix."""
     if any(k.startswith(VAE_PREFIX + "encoder.") for k in sd):
-        return _select(sd, VAE_PREFIX)
+        return select(sd, VAE_PREFIX)
     if "encoder.down.0.block.0.conv1.weight" in sd:
         return sd
     if is_diffusers_vae(sd):
@@ -120,7 +116,7 @@ def text_encoder_state_dict(sd: dict, kind: str) -> dict:
         raise ValueError(f"kind must be one of {TEXT_ENCODERS}, got {kind!r}")
     bundled = TEXT_PREFIX.format(kind)
     if any(k.startswith(bundled) for k in sd):
-        sd = _select(sd, bundled)
+        sd = select(sd, bundled)
     if kind == "t5xxl":
         emb = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
         if emb is None or not any(k.startswith("encoder.block.") for k in sd):
@@ -185,21 +181,6 @@ def check_text_encoders(sources: dict, mmdit_config: MMDiTConfig):
                               f"{mmdit_config.adm_in_channels}")
 
 
-def find_text_encoder(sd: dict, path: Path, kind: str):
-    """A text encoder bundled in the single file, or a standalone file beside it (the Hub layout)."""
-    if any(k.startswith(f"text_encoders.{kind}.") for k in sd):
-        return sd
-    names = {"clip_l": ["clip_l.safetensors"], "clip_g": ["clip_g.safetensors"],
-             "t5xxl": ["t5xxl_fp16.safetensors", "t5xxl.safetensors", "t5xxl_fp32.safetensors"]}[kind]
-    for folder in (path.parent / "text_encoders", path.parent):
-        for name in names:
-            if (folder / name).is_file():
-                return folder / name
-    raise FileNotFoundError(
-        f"no {kind} text encoder: {path.name} does not bundle one and there is no {names[0]} in "
-        f"{path.parent / 'text_encoders'}. Pass {kind}=PATH, or no_t5=True to run without T5.")
-
-
 def _read(src, select, config_cls, model_cls):
     """What ``build`` needs: (make, the model's state dict selected by ``select``, all the file's keys)."""
     full = state_dict_of(src)
@@ -241,80 +222,10 @@ def load_text_encoder(src, kind: str, *, num_heads: int | None = None, device=No
     return build(make, sd, what=f"{kind} text encoder", device=device, dtype=dtype, keep_fp32=keep, all_keys=full)
 
 
-# --------------------------------------------------------------------------------------------------
-# The Hugging Face Hub
-# --------------------------------------------------------------------------------------------------
-HUB_MODELS = {
-    # name: (repository, single file). All are gated: accept the licence on the model page first.
-    "sd3_medium": ("stabilityai/stable-diffusion-3-medium", "sd3_medium.safetensors"),
-    "sd3.5_large": ("stabilityai/stable-diffusion-3.5-large", "sd3.5_large.safetensors"),
-    "sd3.5_large_turbo": ("stabilityai/stable-diffusion-3.5-large-turbo", "sd3.5_large_turbo.safetensors"),
-    "sd3.5_medium": ("stabilityai/stable-diffusion-3.5-medium", "sd3.5_medium.safetensors"),
-}
-HUB_TEXT_ENCODERS = {"clip_l": "text_encoders/clip_l.safetensors", "clip_g": "text_encoders/clip_g.safetensors",
-                     "t5xxl": "text_encoders/t5xxl_fp16.safetensors"}
-# The reference fetches its tokenizers from these public (not gated) repositories.
-HUB_T5_TOKENIZER = "google/t5-v1_1-xxl"
-
-
-def _gated_message(repo: str) -> str:
-    return (f"{repo} is a gated repository and this request was refused. To download it:\n"
-            f"  1. log in at https://huggingface.co and accept the licence on https://huggingface.co/{repo}\n"
-            "  2. create a read token at https://huggingface.co/settings/tokens\n"
-            "  3. set it: export HF_TOKEN=hf_...  (or `huggingface-cli login`, or in a notebook\n"
-            "     `from huggingface_hub import notebook_login; notebook_login()`)")
-
-
-def hub_download(repo: str, filename: str | None = None, *, token=None, allow_patterns=None) -> Path:
-    """Download one file (or, with ``allow_patterns``, a snapshot) from the Hub; a gated-repo refusal
-    becomes a message that explains the licence and the token. Uses the Hub cache."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
-
-    token = token or os.environ.get("HF_TOKEN")
-    what = f"{filename} from {repo}" if filename else repo
-    try:
-        if filename is None:
-            return Path(snapshot_download(repo, allow_patterns=allow_patterns, token=token))
-        return Path(hf_hub_download(repo, filename, token=token))
-    except GatedRepoError as e:
-        raise PermissionError(_gated_message(repo)) from e
-    except RepositoryNotFoundError as e:                   # without a token, the Hub answers so for gated repos too
-        login = "" if token else (" (or it is private or gated: without a token the Hub gives the same answer; "
-                                  "set HF_TOKEN and accept its licence on its page)")
-        raise FileNotFoundError(f"no repository {repo} on the Hugging Face Hub{login}; check the name") from e
-    except LocalEntryNotFoundError as e:                   # offline (HF_HUB_OFFLINE=1 or no network), not cached
-        raise ConnectionError(f"cannot download {what}: the Hugging Face Hub cannot be reached (offline, or "
-                              "HF_HUB_OFFLINE=1) and it is not in the local cache; download it once online, "
-                              "or pass a local path") from e
-    except EntryNotFoundError as e:
-        wanted = filename or "matching " + ", ".join(allow_patterns or ["*"])   # a snapshot: what it asked for
-        raise FileNotFoundError(f"the Hub repository {repo} has no file {wanted}") from e
-    except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise PermissionError(_gated_message(repo)) from e
-        raise
-
-
-def download(model: str = "sd3_medium", *, text_encoders=TEXT_ENCODERS, token=None) -> dict[str, Path]:
-    """Download an official single file and its standalone text encoders -> {"model": path, "clip_l": ...}."""
-    if model not in HUB_MODELS:
-        raise ValueError(f"unknown model {model!r}; choose one of {sorted(HUB_MODELS)}")
-    repo, filename = HUB_MODELS[model]
-    paths = {"model": hub_download(repo, filename, token=token)}
-    for kind in text_encoders:
-        paths[kind] = hub_download(repo, HUB_TEXT_ENCODERS[kind], token=token)
-    return paths
-
-
 def save_single_file(path, *, mmdit=None, vae=None, clip_l=None, clip_g=None, t5xxl=None, prefix: bool = True,
                      dtype=None, metadata: dict | None = None):
     """Write models in the official single-file layout (``model.diffusion_model.*``, ``first_stage_model.*``,
     ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.*``). ``prefix=False`` writes a bare MM-DiT."""
-    from .checkpoint import save_state_dict
-
     if not prefix and any(m is not None for m in (vae, clip_l, clip_g, t5xxl)):
         raise ValueError("prefix=False writes an MM-DiT alone")
     parts = [(mmdit, MMDIT_PREFIX if prefix else ""), (vae, VAE_PREFIX)]

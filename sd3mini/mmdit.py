@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import num_blocks, prefix_of
+from .keys import num_blocks, prefix_of
 
 
 # --------------------------------------------------------------------------------------------------

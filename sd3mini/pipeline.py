@@ -11,21 +11,22 @@ negative prompt, draw seeded noise on the CPU, sample with CFG, ``process_out``,
 import gc
 import inspect
 import random
-import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from .checkpoint import CheckpointError, open_state_dict, state_dict_of
-from .checks import ArgumentError, check_choice, check_dtype, check_prompts, check_seed, output_size
+from .checks import (ArgumentError, check_choice, check_denoise, check_dtype, check_inputs, check_prompts,
+                     check_sampling, check_seed, check_slg, needs_uncond, output_size)
 from .checks import check_size  # noqa: F401  (chapter 4 calls sd3mini.pipeline.check_size)
 from .flow import LATENT_SCALE, LATENT_SHIFT, process_in, process_out
-from .loading import (TEXT_ENCODERS, check_text_encoders, download, find_text_encoder, hub_download, load_mmdit,
-                      load_text_encoder, load_vae, mmdit_state_dict, vae_state_dict)
+from .loading import (TEXT_ENCODERS, check_text_encoders, load_mmdit, load_text_encoder, load_vae, mmdit_state_dict,
+                      vae_state_dict)
 from .mmdit import MMDiTConfig
-from .sampling import check_sampling, check_slg, make_noise, sample
-from .text import SD3TextEncoder, SD3Tokenizer, clip_tokenizer, load_tokenizer
+from .sampling import SAMPLERS, integrate, make_noise
+from .sources import diffusers_sources, single_file_sources, tokenizer_for
+from .text import SD3TextEncoder
 from .vae import VAEConfig, image_to_tensor, rgb_image, tensor_to_images
 
 # Defaults per model, from the reference's sd3_infer.CONFIGS. SD3-medium: shift 3.0, not the 1.0 of
@@ -81,6 +82,11 @@ def overflow_hint(dtype: torch.dtype, device) -> str:
 class SD3Pipeline:
     """Holds the three components and runs text -> image (and image -> image)."""
 
+    # How a front end shows this model's pictures: enlarged ``upscale`` times, and without a progress bar
+    # for runs of fewer model evaluations than ``quiet_evaluations`` (the tiny model sets both).
+    upscale = 1
+    quiet_evaluations = 0
+
     def __init__(self, mmdit, vae, text_encoder, *, model: str = "custom", device=None, offload: str = "none",
                  latent_scale: float = LATENT_SCALE, latent_shift: float = LATENT_SHIFT, defaults: dict | None = None,
                  default_size: int | None = None):
@@ -97,7 +103,7 @@ class SD3Pipeline:
         self.last_seed = None
         if offload == "none":
             for m in (mmdit, vae, text_encoder):
-                if not isinstance(m, OnDisk):
+                if m is not None and not isinstance(m, OnDisk):   # None: from_sources loads it in place
                     m.to(self.device)
 
     # --- loading ---------------------------------------------------------------------------------
@@ -111,73 +117,56 @@ class SD3Pipeline:
         ``tokenizer``: an ``SD3Tokenizer``, or a T5 tokenizer folder / Hub repo (default google/t5-v1_1-xxl);
         the CLIP tokenizer ships with sd3mini. ``no_t5``: skip T5 (see ``encode_prompt``).
         """
-        from .loading import HUB_MODELS
-
         if no_t5 and t5xxl is not None:
             raise ArgumentError(f"t5xxl={str(t5xxl)!r} and no_t5=True contradict each other; pass one of them")
-        _check_checkpoint_name(path)
-        if str(path) in HUB_MODELS and not Path(str(path)).exists():
-            kinds = tuple(k for k in TEXT_ENCODERS if not (k == "t5xxl" and no_t5))
-            paths = download(str(path), text_encoders=kinds, token=token)
-            path, clip_l, clip_g, t5xxl = paths["model"], paths["clip_l"], paths["clip_g"], paths.get("t5xxl")
-        sd = open_state_dict(path)
-        try:                            # no MM-DiT (a VAE, a text encoder, a training state): say so first
-            mmdit_state_dict(sd)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        sources = {"mmdit": path, "vae": path}
-        for kind, given in (("clip_l", clip_l), ("clip_g", clip_g), ("t5xxl", t5xxl)):
-            if not (kind == "t5xxl" and no_t5):
-                found = given or find_text_encoder(sd, Path(path), kind)
-                sources[kind] = path if found is sd else found
-        del sd
-        tokenizer = _tokenizer(tokenizer, need_t5=not no_t5, token=token)
-        return cls._from_sources(sources, tokenizer, name=str(path), device=device, dtype=dtype, offload=offload)
+        found = single_file_sources(path, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl, no_t5=no_t5, token=token)
+        tokenizer = tokenizer_for(tokenizer, need_t5=not no_t5, token=token)
+        return cls.from_sources(found, tokenizer, name=str(path), device=device, dtype=dtype, offload=offload)
 
     @classmethod
     def from_pretrained(cls, path_or_repo, *, no_t5: bool = False, device=None, dtype=None, offload: str = "none",
                         token=None) -> "SD3Pipeline":
         """A diffusers-format folder (``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``), or a
         Hub repository in that layout (e.g. stabilityai/stable-diffusion-3-medium-diffusers)."""
-        root = diffusers_root(path_or_repo, no_t5=no_t5, token=token)
-        sources = {"mmdit": root / "transformer", "vae": root / "vae", "clip_l": root / "text_encoder",
-                   "clip_g": root / "text_encoder_2"}
-        if not no_t5 and (root / "text_encoder_3").is_dir():
-            sources["t5xxl"] = root / "text_encoder_3"
-        tokenizer = _tokenizer(root if (root / "tokenizer").is_dir() else None, need_t5="t5xxl" in sources, token=token)
-        return cls._from_sources(sources, tokenizer, name=root.name, device=device, dtype=dtype, offload=offload)
+        found, root = diffusers_sources(path_or_repo, no_t5=no_t5, token=token)
+        tokenizer = tokenizer_for(root if (root / "tokenizer").is_dir() else None, need_t5="t5xxl" in found,
+                                  token=token)
+        return cls.from_sources(found, tokenizer, name=root.name, device=device, dtype=dtype, offload=offload)
 
     @classmethod
-    def _from_sources(cls, sources: dict, tokenizer, *, name, device, dtype, offload) -> "SD3Pipeline":
-        """Build the pipeline from one source (path) per component.
+    def from_sources(cls, sources: dict, tokenizer, *, name, device, dtype, offload) -> "SD3Pipeline":
+        """Build the pipeline from one opened ``sources.Source`` per component (mmdit, vae, clip_l, clip_g,
+        optionally t5xxl; components of one file share its Source, so its header is read once).
 
         ``offload="none"``: every component on ``device``. ``"model"``: in host memory, each visits the
         device while it runs. ``"sequential"``: nothing is loaded now; each component is read from its
         memory-mapped file straight onto the device right before its stage and freed after it.
         """
-        check_choice("offload", offload, OFFLOAD_MODES)        # before anything is loaded
         check_dtype("dtype", dtype)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or default_dtype(device)
-        place = device if offload != "model" else torch.device("cpu")
+        mmdit_config = MMDiTConfig.from_state_dict(mmdit_state_dict(sources["mmdit"]))
+        vae_config = VAEConfig.from_state_dict(vae_state_dict(sources["vae"]))
+        check_text_encoders({k: v for k, v in sources.items() if k in TEXT_ENCODERS}, mmdit_config)
+        # The pipeline first (it checks offload), its components then, straight to where it keeps them.
+        pipe = cls(None, None, None, model=detect_model(mmdit_config, name), device=device, offload=offload)
+        dtype = dtype or default_dtype(pipe.device)
+        place = pipe.device if offload != "model" else torch.device("cpu")
         lazy = offload == "sequential"
 
         def component(load, src, *args, dtype=dtype, **attrs):
-            make = lambda: load(src, *args, device=place, dtype=dtype)  # noqa: E731
-            return OnDisk(make, **attrs) if lazy else make()
+            if lazy:   # reopened by path at each stage: no file stays memory-mapped between stages
+                return OnDisk(lambda: load(src.path, *args, device=place, dtype=dtype), **attrs)
+            return load(src, *args, device=place, dtype=dtype)
 
-        mmdit_config = MMDiTConfig.from_state_dict(mmdit_state_dict(state_dict_of(sources["mmdit"])))
-        vae_config = VAEConfig.from_state_dict(vae_state_dict(state_dict_of(sources["vae"])))
-        check_text_encoders({k: v for k, v in sources.items() if k in TEXT_ENCODERS}, mmdit_config)
-        mmdit = component(load_mmdit, sources["mmdit"], config=mmdit_config)
-        vae = component(load_vae, sources["vae"], dtype=_vae_dtype(dtype), downscale=2 ** (len(vae_config.ch_mult) - 1))
+        pipe.mmdit = component(load_mmdit, sources["mmdit"], config=mmdit_config)
+        pipe.vae = component(load_vae, sources["vae"], dtype=_vae_dtype(dtype),
+                             downscale=2 ** (len(vae_config.ch_mult) - 1))
         encoders = {kind: component(load_text_encoder, src, kind) for kind, src in sources.items()
                     if kind in TEXT_ENCODERS}
         if lazy:   # the text encoders load one at a time, each when it is called
             encoders = {kind: LoadOnCall(enc.load) for kind, enc in encoders.items()}
-        text = SD3TextEncoder(encoders["clip_l"], encoders["clip_g"], encoders.get("t5xxl"), tokenizer,
-                              mmdit_config.context_in_dim)
-        return cls(mmdit, vae, text, model=detect_model(mmdit_config, name), device=device, offload=offload)
+        pipe.text_encoder = SD3TextEncoder(encoders["clip_l"], encoders["clip_g"], encoders.get("t5xxl"), tokenizer,
+                                           mmdit_config.context_in_dim)
+        return pipe
 
     # --- running ---------------------------------------------------------------------------------
     @contextmanager
@@ -221,11 +210,8 @@ class SD3Pipeline:
         cfg_scale = cfg_scale if cfg_scale is not None else self.defaults["cfg_scale"]
         shift = shift if shift is not None else self.defaults["shift"]
         sampler = sampler or self.defaults["sampler"]
-        if init_image is None and denoise is not None:
-            raise ArgumentError(f"denoise={denoise!r} applies to image-to-image only: pass init_image too")
-        denoise = 0.8 if denoise is None else denoise
-        check_sampling(steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
-                       denoise=denoise if init_image is not None else 1.0)
+        check_sampling(steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler, samplers=SAMPLERS)
+        denoise = check_denoise(denoise, init_image is not None, default=0.8 if init_image is not None else 1.0)
         cfg = self.mmdit.config
         slg = self._slg(slg, cfg.depth)
         init_image = None if init_image is None else rgb_image(init_image)     # 8-bit RGB, or refused now
@@ -234,15 +220,14 @@ class SD3Pipeline:
         self.last_seed = seed
 
         # Each stage is a method, so the modules it loaded are released when it returns.
-        guided = cfg_scale != 1.0   # at cfg 1 the unconditional pass cancels out: skip it
-        cond, uncond = self._encode_text(prompts, negatives if guided else None)
+        cond, uncond = self._encode_text(prompts, negatives if needs_uncond(cfg_scale) else None)
         noise = make_noise(seed, (cfg.in_channels, height // self.vae.downscale, width // self.vae.downscale),
                            batch=len(prompts)).to(self.device)
         init_latent = None
         if init_image is not None:
             init_latent = self._encode_image(init_image, width, height, seed).expand(len(prompts), -1, -1, -1)
         latent = self._denoise(noise, cond, uncond, steps=steps, shift=shift, cfg_scale=cfg_scale, sampler=sampler,
-                               init_latent=init_latent, denoise=denoise if init_image is not None else 1.0, slg=slg,
+                               init_latent=init_latent, denoise=denoise, slg=slg,
                                progress=progress)
         decoded = self._decode(latent)
         if output == "tensor":
@@ -297,9 +282,11 @@ class SD3Pipeline:
             z = vae.encode(pixels, generator=torch.Generator().manual_seed(seed)).float()
         return process_in(z, *self.latent_format)
 
-    def _denoise(self, noise, cond, uncond, **kwargs):
+    def _denoise(self, noise, cond, uncond, init_latent, **kwargs):
+        """``sample``'s run on the arguments ``__call__`` checked; the inputs' shapes are checked here."""
+        check_inputs(self.mmdit.config, noise, cond, uncond, init_latent)
         with self._stage(self.mmdit) as mmdit:
-            latent = sample(mmdit, noise, cond, uncond, **kwargs)
+            latent = integrate(mmdit, noise, cond, uncond, init_latent=init_latent, **kwargs)
             hint = overflow_hint(_dtype(mmdit), self.device)
         check_finite("the MM-DiT", latent, hint)
         return latent
@@ -342,8 +329,6 @@ def free_memory(device):
 def image_grid(images, cols: int, upscale: int = 1, gap: int = 0, *, canvas=None, first: int = 0):
     """PIL images -> one picture, ``cols`` per row, each enlarged ``upscale`` times (nearest neighbour).
     ``canvas``: paste into this picture instead, from cell ``first`` on (a grid drawn in parts)."""
-    from PIL import Image
-
     w, h = images[0].width * upscale, images[0].height * upscale
     rows = -(-len(images) // cols)
     grid = canvas or Image.new("RGB", (cols * w + (cols - 1) * gap, rows * h + (rows - 1) * gap), "white")
@@ -359,81 +344,3 @@ def _dtype(module) -> torch.dtype:
 def _vae_dtype(dtype):
     """float16 VAEs can overflow (black images); decode in float32 when the rest runs in float16."""
     return torch.float32 if dtype == torch.float16 else dtype
-
-
-DIFFUSERS_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")
-
-
-def _check_diffusers_folder(root: Path):
-    """A folder must have diffusers' layout; say what it holds instead, and what to pass."""
-    missing = [d for d in DIFFUSERS_FOLDERS if not (root / d).is_dir()]
-    if not missing:
-        return
-    from .loading import HUB_MODELS
-
-    held = sorted(p.name + "/" * p.is_dir() for p in root.iterdir())
-    single = [name for name in held if name.endswith(".safetensors")]
-    what = "it is empty" if not held else f"it holds {', '.join(held[:5])}" + (", ..." if len(held) > 5 else "")
-    hint = (f"pass the file itself ({root / single[0]})" if single else
-            f"pass an official single file, a diffusers folder or one of {', '.join(HUB_MODELS)}")
-    raise CheckpointError(f"{root} is not a diffusers SD3 folder: it has no {'/, '.join(missing)}/ ({what}); {hint}")
-
-
-def _check_checkpoint_name(path):
-    """A path that does not exist must be a model name; say which names there are, and the nearest."""
-    import difflib
-
-    from .loading import HUB_MODELS
-
-    name = str(path)
-    if Path(name).exists() or name in HUB_MODELS:
-        return
-    close = difflib.get_close_matches(name, list(HUB_MODELS), n=1)
-    raise FileNotFoundError(f"no such file or folder: {name} (and not a model name: {', '.join(HUB_MODELS)}"
-                            + (f"; did you mean {close[0]}?)" if close else ")"))
-
-
-def looks_like_repo(name: str) -> bool:
-    """A Hub repository id (owner/name), not a file name."""
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith(".safetensors")
-
-
-def diffusers_root(path_or_repo, *, no_t5: bool = False, token=None) -> Path:
-    """The folder ``from_pretrained`` loads: a local diffusers folder (checked), or a Hub repository's
-    files, downloaded (without T5 when ``no_t5``)."""
-    root = Path(str(path_or_repo))
-    if root.is_dir():
-        _check_diffusers_folder(root)
-        return root
-    _check_repo_id(str(path_or_repo))
-    patterns = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
-                "tokenizer/*", "tokenizer_2/*"] + ([] if no_t5 else ["text_encoder_3/*", "tokenizer_3/*"])
-    return hub_download(str(path_or_repo), token=token, allow_patterns=patterns)
-
-
-def _check_repo_id(name: str):
-    """Something that is neither a folder here nor a Hub repository id (owner/name)."""
-    if not looks_like_repo(name):
-        raise FileNotFoundError(f"no such folder: {name} (and it is not a Hub repository id such as "
-                                "stabilityai/stable-diffusion-3-medium-diffusers)")
-
-
-def _tokenizer(tokenizer, need_t5: bool, token=None) -> SD3Tokenizer:
-    """An SD3Tokenizer from an instance, a diffusers folder, a T5 tokenizer folder or repo, or defaults."""
-    if isinstance(tokenizer, SD3Tokenizer):
-        return tokenizer
-    clip, t5 = clip_tokenizer(), None
-    root = Path(str(tokenizer)) if tokenizer is not None else None
-    if root is not None and (root / "tokenizer").is_dir():          # a diffusers folder
-        clip = load_tokenizer(root / "tokenizer", "clip")
-        root = root / "tokenizer_3" if (root / "tokenizer_3").is_dir() else None
-    if need_t5:
-        if root is not None and root.is_dir():
-            t5 = load_tokenizer(root)
-        else:
-            from .loading import HUB_T5_TOKENIZER
-
-            repo = str(tokenizer) if tokenizer is not None else HUB_T5_TOKENIZER
-            t5 = load_tokenizer(hub_download(repo, token=token, allow_patterns=[
-                "spiece.model", "tokenizer*.json", "special_tokens_map.json", "config.json"]))
-    return SD3Tokenizer(clip, t5)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import num_blocks
+from .keys import CheckpointError, num_blocks
 
 CLIP_BOS, CLIP_EOS = 49406, 49407
 CLIP_LENGTH = 77          # CLIP's position table has exactly 77 rows
@@ -56,7 +56,7 @@ class CLIPTextEncoder(nn.Module):
 
     def __init__(self, config, projected: bool):
         super().__init__()
-        from transformers import CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection   # heavy to import: only when first used
 
         self.projected = projected
         self.transformer = CLIPTextModelWithProjection(config)
@@ -75,7 +75,7 @@ class CLIPTextEncoder(nn.Module):
     @staticmethod
     def config_from_state_dict(sd, kind: str, num_heads: int | None = None):
         """The ``CLIPTextConfig`` of a CLIP state dict (Hugging Face names), from its shapes and ``kind``."""
-        from transformers import CLIPTextConfig
+        from transformers import CLIPTextConfig   # heavy to import: only when first used
 
         shape = clip_shape(sd)
         width = shape["width"]
@@ -104,7 +104,7 @@ class T5TextEncoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        from transformers import T5EncoderModel
+        from transformers import T5EncoderModel   # heavy to import: only when first used
 
         self.transformer = T5EncoderModel(config)
 
@@ -115,7 +115,7 @@ class T5TextEncoder(nn.Module):
     @staticmethod
     def config_from_state_dict(sd, num_heads: int | None = None):
         """The ``T5Config`` of a T5 encoder state dict (Hugging Face names), from its shapes."""
-        from transformers import T5Config
+        from transformers import T5Config   # heavy to import: only when first used
 
         emb = sd["shared.weight"] if "shared.weight" in sd else sd["encoder.embed_tokens.weight"]
         vocab, d_model = emb.shape
@@ -156,7 +156,7 @@ def clip_tokenizer():
     vocabulary is rebuilt from it exactly as OpenAI's ``SimpleTokenizer`` does; the result is the
     tokenizer of ``openai/clip-vit-large-patch14``, which SD3 uses for both CLIP-L and CLIP-G.
     """
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer   # heavy to import: only when first used
 
     with resources.files("sd3mini").joinpath("assets/bpe_simple_vocab_16e6.txt.gz").open("rb") as f:
         merges = gzip.decompress(f.read()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
@@ -177,8 +177,6 @@ def load_tokenizer(folder, kind: str = "auto"):
     and passes ``trust_remote_code=False`` as well. ``kind``: "clip" (CLIPTokenizer) or "auto".
     """
     from transformers import AutoTokenizer, CLIPTokenizer   # heavy: only when a folder is read
-
-    from .checkpoint import CheckpointError
 
     folder = Path(folder)
     for name in ("tokenizer_config.json", "config.json"):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .checkpoint import num_blocks, prefix_of
 from .checks import ArgumentError
+from .keys import num_blocks, prefix_of
 
 
 @dataclass(frozen=True)

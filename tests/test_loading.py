@@ -273,7 +273,7 @@ def test_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
 
 
 def test_num_blocks_counts_the_largest_index():
-    from sd3mini.checkpoint import num_blocks
+    from sd3mini.keys import num_blocks
 
     keys = {"joint_blocks.0.a": 0, "joint_blocks.11.b": 0, "joint_blocks.2.c": 0, "x_embedder.proj.weight": 0}
     assert num_blocks(keys, "joint_blocks.") == 12

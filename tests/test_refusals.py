@@ -28,8 +28,9 @@ from sd3mini import CheckpointError
 from sd3mini.checks import ArgumentError
 from sd3mini.checkpoint import file_metadata
 from sd3mini.cli import main
-from sd3mini.toy.model import load_toy, shipped_path, toy_pipeline
-from sd3mini.toy.train import Recipe, ToySD3, train
+from sd3mini.toy.model import ToySD3, load_toy, shipped_path, toy_pipeline
+from sd3mini.toy.recipe import Recipe
+from sd3mini.toy.train import train
 
 TINY_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_RUN.items() if k != "steps"]
 
@@ -118,7 +119,7 @@ CLI_CASES = [   # (id, argv, exit status, the message)
 
 @pytest.mark.parametrize("argv,status,message", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_refuses_before_any_work(argv, status, message, more, tmp_path, capfd, monkeypatch):
-    monkeypatch.setattr("sd3mini.pipeline.sample", lambda *a, **k: pytest.fail("sampling ran before the refusal"))
+    monkeypatch.setattr("sd3mini.pipeline.integrate", lambda *a, **k: pytest.fail("sampling ran before the refusal"))
     before = set(tmp_path.rglob("*")) | set(more["dir"].rglob("*")) | set(more["more"].rglob("*"))
     assert main(fill(argv, more, tmp_path)) == status
     out, err = capfd.readouterr()
@@ -137,7 +138,7 @@ def test_unwritable_output_folder_is_refused_before_sampling(tmp_path, capfd, mo
         if not os.path.isdir("/sys"):
             pytest.skip("running as root without /sys: no folder root cannot write in")
         folder = Path("/sys")
-    monkeypatch.setattr("sd3mini.pipeline.sample", lambda *a, **k: pytest.fail("sampling ran before the refusal"))
+    monkeypatch.setattr("sd3mini.pipeline.integrate", lambda *a, **k: pytest.fail("sampling ran before the refusal"))
     assert main(["generate", P, "-o", str(folder / "out.png")]) == 2
     assert re.search(rf"--output .*out.png: cannot write in {folder} \(", capfd.readouterr().err)
 
@@ -162,7 +163,7 @@ def test_full_size_sd3_header_is_refused_before_loading(tmp_path, capfd, monkeyp
 
 
 def test_hub_model_sizes_are_refused_before_the_download(tmp_path, capfd, monkeypatch):
-    monkeypatch.setattr("sd3mini.loading.hub_download", lambda *a, **k: pytest.fail("a download started"))
+    monkeypatch.setattr("sd3mini.sources.hub_download", lambda *a, **k: pytest.fail("a download started"))
     assert main(["generate", "a fox", "--ckpt", "sd3.5_large", "--width", "4000", "-o", str(tmp_path / "o.png")]) == 2
     assert "width 4000 is larger than this model supports: the maximum is 3072" in capfd.readouterr().err
 
@@ -293,7 +294,7 @@ def test_a_long_negative_prompt_is_called_so():
 
 def test_overflow_message_fits_the_dtype(monkeypatch):
     pipe = toy_pipeline()
-    monkeypatch.setattr("sd3mini.pipeline.sample", lambda model, noise, *a, **k: torch.full_like(noise, math.inf))
+    monkeypatch.setattr("sd3mini.pipeline.integrate", lambda model, noise, *a, **k: torch.full_like(noise, math.inf))
     with pytest.raises(FloatingPointError, match=r"It ran in float32 on cpu, which does not overflow on sensible "
                                                  r"inputs: lower cfg_scale") as e:
         pipe(P, steps=1, seed=0, progress=False)
@@ -305,7 +306,7 @@ def test_hub_entry_not_found_names_what_was_asked(monkeypatch):
     import huggingface_hub
     from huggingface_hub import errors
 
-    from sd3mini.loading import hub_download
+    from sd3mini.sources import hub_download
 
     def refuse(*args, **kwargs):
         raise errors.EntryNotFoundError("missing")
@@ -421,7 +422,7 @@ def test_two_runs_writing_one_output_both_succeed(tmp_path, monkeypatch):
 
 
 def test_a_second_training_run_into_the_same_folder_is_refused(tmp_path, capfd):
-    from sd3mini.toy.train import check_recipe
+    from sd3mini.toy.recipe import check_recipe
 
     check_recipe(Recipe(**TINY_RUN))                 # its first call imports torch._dynamo: not while racing
     out = tmp_path / "run"

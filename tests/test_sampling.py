@@ -5,6 +5,7 @@ import torch
 from helpers import Golden
 
 import sd3mini
+from sd3mini.checks import ArgumentError
 from sd3mini.sampling import CFGDenoiser
 
 
@@ -88,3 +89,10 @@ def test_denoise_takes_any_real_number(case):
     a = sd3mini.sample(case["model"], case["noise"], case["cond"], case["uncond"], denoise=np.float32(0.5), **args)
     b = sd3mini.sample(case["model"], case["noise"], case["cond"], case["uncond"], denoise=0.5, **args)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_guidance_without_uncond_is_refused(case):
+    """cfg_scale 5 with uncond=None used to run unguided without a word: it is refused, on one line."""
+    with pytest.raises(ArgumentError, match=r"^cfg_scale=5.0 asks for guidance, which needs uncond [^\n]*$"):
+        sd3mini.sample(case["model"], case["noise"], case["cond"], None, steps=2, shift=3.0, cfg_scale=5.0,
+                       progress=False)

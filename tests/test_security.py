@@ -60,7 +60,7 @@ def test_a_tokenizer_folder_with_code_is_refused(tmp_path, layout):
         clip_tokenizer().save_pretrained(root / "tokenizer")
         clip_tokenizer().save_pretrained(root / "tokenizer_3")
         folder = evil_folder(root / layout.split()[1])
-    done = run_with_yes(f"from sd3mini.pipeline import _tokenizer\n_tokenizer({str(root)!r}, need_t5=True)", tmp_path)
+    done = run_with_yes(f"from sd3mini.sources import tokenizer_for\ntokenizer_for({str(root)!r}, need_t5=True)", tmp_path)
     assert not (folder / "MARKER").exists()
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]

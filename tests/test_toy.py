@@ -16,9 +16,11 @@ import torch
 import sd3mini
 from sd3mini.checkpoint import file_metadata, open_state_dict
 from sd3mini.toy import data
+from sd3mini.toy.data import training_batch
 from sd3mini.toy.judge import find_objects, judge, pair_parts, score
 from sd3mini.toy.model import VOCAB, ToyTextEncoder, load_toy, same_word_cosines, shipped_path, toy_pipeline
-from sd3mini.toy.train import Recipe, learning_rate, load_training_state, train, training_batch
+from sd3mini.toy.recipe import Recipe, learning_rate
+from sd3mini.toy.train import train
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "experiments"))    # toy_report
 TINY = dict(steps=4, batch=6, width=64, depth=2, text_width=64, text_layers=1, warmup=2, cooldown=0)
@@ -155,7 +157,8 @@ def test_a_run_resumed_in_stages_gives_one_curve(tmp_path):
 
 def test_recipe_presets(tmp_path):
     """``--recipe NAME`` makes a preset's values the defaults; options given on the command line win."""
-    from sd3mini.toy.train import PRESETS, main
+    from sd3mini.toy.recipe import PRESETS
+    from sd3mini.toy.train import main
 
     main(["--recipe", "shipped", "--out", str(tmp_path)] + [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()])
     stored = json.loads(file_metadata(tmp_path / "toy_sd3.safetensors")["sd3mini_toy"])["recipe"]
@@ -167,7 +170,7 @@ def test_recipe_presets(tmp_path):
 def test_the_shipped_file_is_the_shipped_recipe():
     """The shipped weights come from ``torchrun --nproc_per_node=2 -m sd3mini train-toy --recipe shipped``:
     its stored recipe is the preset's, trained to the end on 2 ranks."""
-    from sd3mini.toy.train import PRESETS
+    from sd3mini.toy.recipe import PRESETS
 
     meta = json.loads(file_metadata(shipped_path())["sd3mini_toy"])
     values, ranks = PRESETS["shipped"]
@@ -356,7 +359,7 @@ def test_sigterm_saves_and_the_resumed_run_is_exact(tmp_path):
 
 
 def training_meta_step(path) -> int:
-    from sd3mini.toy.train import training_meta
+    from sd3mini.toy.checkpoints import training_meta
 
     return training_meta(path)["step"]
 
@@ -395,7 +398,7 @@ def test_pipelines_keep_their_own_defaults():
 
 def test_stored_recipes_with_the_removed_text_pool():
     from sd3mini.checkpoint import CheckpointError
-    from sd3mini.toy.train import recipe_from
+    from sd3mini.toy.recipe import recipe_from
 
     stored = asdict(Recipe()) | {"text_pool": "eos"}
     assert recipe_from(stored) == Recipe()
@@ -405,7 +408,9 @@ def test_stored_recipes_with_the_removed_text_pool():
 
 def test_train_step_is_the_loop_of_train(tmp_path):
     """train() is train_step repeated: the same recipe stepped by hand ends with the same weights."""
-    from sd3mini.toy.train import ToySD3, data_stats, train_step, training_batch
+    from sd3mini.toy.data import data_stats, training_batch
+    from sd3mini.toy.model import ToySD3
+    from sd3mini.toy.train import train_step
 
     r = Recipe(**TINY | {"steps": 3})
     train(r, tmp_path / "run", progress=False)
@@ -424,7 +429,7 @@ def test_train_step_is_the_loop_of_train(tmp_path):
 
 def test_a_damaged_log_row_does_not_block_resume(tmp_path):
     """A row cut short by a crash is dropped with the rows after the saved step, not a JSONDecodeError."""
-    from sd3mini.toy.train import trim_log
+    from sd3mini.toy.checkpoints import trim_log
 
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')

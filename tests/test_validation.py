@@ -26,7 +26,8 @@ from sd3mini import CheckpointError
 from sd3mini.checks import ArgumentError
 from sd3mini.cli import main
 from sd3mini.toy.model import load_toy, shipped_path, toy_pipeline
-from sd3mini.toy.train import Recipe, learning_rate, train
+from sd3mini.toy.recipe import Recipe, learning_rate
+from sd3mini.toy.train import train
 
 ROOT = Path(__file__).parents[1]
 TINY_RUN = dict(steps=2, batch=2, width=32, depth=1, text_width=32, text_layers=1, heads=1, warmup=1, cooldown=0)
@@ -91,7 +92,7 @@ CLI_CASES = [   # (id, argv, exit status, the message)
     ("offload on the tiny model", ["generate", P, "--offload", "model"], 2, r"--offload model does not apply"),
     ("no-t5 on the tiny model", ["generate", P, "--no-t5"], 2, r"--no-t5 does not apply to the tiny model"),
     ("clip-l on the tiny model", ["generate", P, "--clip-l", "{clip_l}"], 2, r"--clip-l does not apply to the tiny model"),
-    ("denoise without init image", ["generate", P, "--denoise", "0.5"], 2, r"--denoise applies to image-to-image only"),
+    ("denoise without init image", ["generate", P, "--denoise", "0.5"], 2, r"--denoise=0.5 applies to image-to-image only: pass --init-image too"),
     ("denoise 0", ["generate", P, "--init-image", "{small}", "--denoise", "0"], 2, r"--denoise must be in \(0, 1\]"),
     ("init image missing", ["generate", P, "--init-image", "{tmp}/nothing.png"], 2, r"--init-image .*nothing.png: no such file"),
     ("init image not an image", ["generate", P, "--init-image", "{notes}"], 2, r"--init-image .*notes.txt is not an image"),
@@ -370,7 +371,7 @@ def _hub_error(kind):
 def test_hub_errors(kind, error, message, monkeypatch):
     import huggingface_hub
 
-    from sd3mini.loading import hub_download
+    from sd3mini.sources import hub_download
 
     def refuse(*args, **kwargs):
         raise _hub_error(kind)
@@ -413,7 +414,7 @@ def test_long_runs_show_a_progress_bar(tmp_path, capfd, monkeypatch):
     """The tiny model is quiet for a picture or two, but a run of many steps or a big grid shows a bar."""
     assert main(["generate", P, "--steps", "2", "-o", str(tmp_path / "quiet.png")]) == 0
     assert "sampling" not in capfd.readouterr().err
-    monkeypatch.setattr("sd3mini.cli.TOY_QUIET_EVALUATIONS", 8)          # 2 x 2 images x 2 steps = 8
+    monkeypatch.setattr("sd3mini.toy.model.QUIET_EVALUATIONS", 8)        # 2 x 2 images x 2 steps = 8
     assert main(["generate", P, "--steps", "2", "--grid", "2", "-o", str(tmp_path / "loud.png")]) == 0
     assert "sampling: 100%" in capfd.readouterr().err
 
@@ -443,7 +444,7 @@ def test_checkpoints_are_written_whole(tmp_path, monkeypatch):
 def test_a_signal_asks_the_training_loop_to_stop(name):
     import signal
 
-    from sd3mini.toy.train import StopOnSignal
+    from sd3mini.toy.ddp import StopOnSignal
 
     with StopOnSignal() as stop:
         os.kill(os.getpid(), getattr(signal, name))                 # no KeyboardInterrupt, no exit

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..flow import process_in, sample_t, time_shift
+
 IMAGE_SIZE = 32
 COLOURS = {  # RGB in [0, 1]
     "red": (0.92, 0.12, 0.10), "orange": (1.00, 0.55, 0.05), "yellow": (0.96, 0.90, 0.12),
@@ -165,3 +167,28 @@ def eval_captions(n_single: int = 150, n_pair: int = 150, seed: int = 1234) -> l
 
 def uses_held_out(text: str) -> bool:
     return any((o["colour"], o["shape"]) in HELD_OUT for o in parse_caption(text)["objects"])
+
+
+# --- training batches ------------------------------------------------------------------------------
+def data_stats(n: int = 2048, seed: int = 999) -> tuple[float, float]:
+    """(latent_scale, latent_shift): SD3 normalizes its latents to unit variance (scale 1/std, offset the
+    mean); the same, measured on pixels."""
+    images, _, _ = batch(seed, n)
+    return 1.0 / images.std().item(), images.mean().item()
+
+
+def training_batch(r, step: int, rank: int, latent_scale: float, latent_shift: float, draw=None):
+    """(x0, captions, noise, sigma) of ``step`` on ``rank`` for the recipe ``r`` (``recipe.Recipe``): a
+    function of (seed, rank, step) only, so resuming is exact. ``draw(n, generator)``: the noise levels
+    before the shift (default: ``r.t_sampler``; the paper's arms draw each formulation's own)."""
+    seed = (r.seed * 1_000_003 + rank) * 10_000_019 + step
+    # A curriculum: single objects first teach grid position, which pair captions never name
+    # (benchmarks/RESULTS.md).
+    p_pair = 0.0 if step < r.singles_first else r.p_pair
+    images, captions, _ = batch(seed, r.batch, p_pair=p_pair)
+    rng = random.Random(seed)
+    captions = ["" if rng.random() < r.cfg_drop else c for c in captions]
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(images.shape, generator=gen)
+    levels = draw(r.batch, gen) if draw is not None else sample_t(r.batch, r.t_sampler, generator=gen)
+    return process_in(images, latent_scale, latent_shift), captions, noise, time_shift(levels, r.t_shift)

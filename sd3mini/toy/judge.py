@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import CELLS, COLOURS, RELATIONS, parse_caption
+from .data import CELLS, COLOURS, RELATIONS, eval_captions, parse_caption
 
 _PALETTE = np.array([c for c in COLOURS.values()])
 _CHROMA = _PALETTE / _PALETTE.max(axis=1, keepdims=True)
@@ -150,3 +150,23 @@ def score(images, captions) -> dict[str, float]:
     keys = ("colour", "shape", "size", "cell", "relation", "all")
     return {k: float(np.mean([r[k] for r in results if r[k] is not None])) if any(r[k] is not None for r in results)
             else float("nan") for k in keys}
+
+
+# --- a pipeline's scores ---------------------------------------------------------------------------
+def generate(pipe, captions, *, seed=0, batch=100, **options) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] for ``captions`` through ``pipe``, image i from seed ``seed + i``;
+    ``options`` are the pipeline's (steps, cfg_scale, shift, ...)."""
+    return torch.cat([pipe(captions[i: i + batch], seed=seed + i, output="tensor", progress=False, **options)
+                      for i in range(0, len(captions), batch)])
+
+
+def evaluate(pipe, captions, **options) -> dict:
+    """The judge's scores (colour, shape, size, cell, relation, all) of ``pipe``'s images of ``captions``."""
+    return score(generate(pipe, captions, **options), captions)
+
+
+def eval_captions_subset(n: int) -> list[str]:
+    """An even mix of single-object and two-object captions from the fixed evaluation set."""
+    full = eval_captions()
+    half = n // 2
+    return full[:half] + full[150: 150 + n - half]

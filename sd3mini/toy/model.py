@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import describe_checkpoint, file_metadata, open_state_dict, state_dict_of
+from ..checks import ArgumentError, check_cfg, check_choice, check_int, check_number, check_shift
+from ..keys import CheckpointError
+from ..loading import build
 from ..mmdit import Mlp, MMDiT, MMDiTConfig
+from ..pipeline import SD3Pipeline
+from ..sampling import SAMPLERS
 from .data import CELLS, COLOURS, IMAGE_SIZE, RELATIONS, SHAPES, SIZES
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -31,7 +37,7 @@ class TextBlock(nn.Module):
 
     def __init__(self, width: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.heads = heads                       # of width // heads channels each
         self.norm1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -132,6 +138,21 @@ def toy_mmdit_config(width: int = 128, depth: int = 4, patch: int = 4, text_widt
                        adm_in_channels=text_width, context_in_dim=text_width, qk_norm=True)
 
 
+class ToySD3(nn.Module):
+    """The trainable pair: text encoder + MM-DiT, of the sizes a ``recipe.Recipe`` ``r`` gives. forward ->
+    the predicted velocity."""
+
+    def __init__(self, r):
+        super().__init__()
+        self.text = ToyTextEncoder(width=r.text_width, layers=r.text_layers, heads=r.heads)
+        self.mmdit = MMDiT(toy_mmdit_config(r.width, r.depth, r.patch, r.text_width, heads=r.heads)).initialize_weights()
+
+    def forward(self, zt, sigma, tokens):
+        """zt (B, 3, H, W) at noise levels sigma (B,), tokens (B, 16) -> the velocity (B, 3, H, W)."""
+        context, pooled = self.text(tokens)
+        return self.mmdit(zt, 1000 * sigma, y=pooled, context=context)
+
+
 SHIPPED = "assets/toy_sd3.safetensors"
 
 
@@ -141,9 +162,6 @@ def shipped_path() -> Path:
 
 def load_toy(path=None, device="cpu"):
     """(mmdit, text_encoder, metadata) from a toy checkpoint (default: the one shipped with sd3mini)."""
-    from ..checkpoint import file_metadata
-    from ..loading import build, state_dict_of
-
     path = Path(path) if path is not None else shipped_path()
     if not path.exists():
         raise FileNotFoundError(f"no tiny-model weights at {path}; train them with `python -m sd3mini train-toy`")
@@ -165,8 +183,8 @@ def load_toy(path=None, device="cpu"):
 
 
 def _text_config(path, meta: dict) -> dict:
-    """The text encoder's settings; files before 2026-12 also stored ``pool``, always "eos" (the only one now)."""
-    from ..checkpoint import CheckpointError
+    """The text encoder's settings. Shim, dropped in sd3mini 0.2.0: files before 2026-12 also stored
+    ``pool``, always "eos" (the only one now)."""
 
     config = dict(meta["text"])
     if config.pop("pool", "eos") != "eos":
@@ -179,7 +197,6 @@ TOY_META_KEYS = ("mmdit", "text", "latent_scale", "latent_shift", "image_size", 
 
 def toy_metadata(path) -> dict:
     """The ``sd3mini_toy`` metadata of a tiny-model checkpoint, or a CheckpointError that says what is wrong."""
-    from ..checkpoint import CheckpointError, describe_checkpoint, file_metadata, open_state_dict
 
     raw = file_metadata(path).get("sd3mini_toy")
     if raw is None:
@@ -203,7 +220,6 @@ def toy_metadata(path) -> dict:
 def _check_mmdit_shapes(path, meta: dict, sd: dict) -> MMDiTConfig:
     """The MM-DiT the metadata describes must be the one the tensors hold (checked on their shapes, so a
     small file whose metadata describes a huge model is refused before anything is allocated)."""
-    from ..checkpoint import CheckpointError
 
     try:
         described = MMDiTConfig(**{**meta["mmdit"], "x_block_self_attn_layers":
@@ -227,7 +243,6 @@ def _check_mmdit_shapes(path, meta: dict, sd: dict) -> MMDiTConfig:
 
 
 def _check_text_shapes(path, meta: dict, sd: dict):
-    from ..checkpoint import CheckpointError
 
     text = meta["text"]
     try:
@@ -249,7 +264,6 @@ TOY_MAX_PARAMS = 50_000_000
 
 
 def _check_size(path, sd: dict):
-    from ..checkpoint import CheckpointError
 
     n = sum(math.prod(t.shape) for t in sd.values())
     if n > TOY_MAX_PARAMS:
@@ -259,9 +273,6 @@ def _check_size(path, sd: dict):
 
 def _check_values(path, meta: dict, cfg: MMDiTConfig):
     """Every value the pipeline uses, each with a message that names the file: shapes are not enough."""
-    from ..checkpoint import CheckpointError
-    from ..checks import ArgumentError, check_cfg, check_choice, check_int, check_number, check_shift
-    from ..sampling import SAMPLERS
 
     text, defaults = meta["text"], meta["defaults"]
     try:
@@ -288,13 +299,18 @@ def _check_values(path, meta: dict, cfg: MMDiTConfig):
         raise CheckpointError(f"{path}: its sd3mini_toy metadata is invalid: {e}") from None
 
 
+# The tiny model runs ~100 model evaluations a second on one core: below this many, no progress bar.
+QUIET_EVALUATIONS = 2000
+
+
 def pipeline_of(mmdit, text, latent_scale: float, latent_shift: float, defaults: dict, device="cpu",
                 image_size: int = IMAGE_SIZE):
     """An ``SD3Pipeline`` around a tiny MM-DiT and its text encoder: loaded, or in the middle of training."""
-    from ..pipeline import SD3Pipeline
 
-    return SD3Pipeline(mmdit, PixelSpace(), text, model="toy", device=device, latent_scale=latent_scale,
+    pipe = SD3Pipeline(mmdit, PixelSpace(), text, model="toy", device=device, latent_scale=latent_scale,
                        latent_shift=latent_shift, defaults=defaults, default_size=image_size)
+    pipe.upscale, pipe.quiet_evaluations = 4, QUIET_EVALUATIONS     # 32 x 32 images; fast
+    return pipe
 
 
 def toy_pipeline(path=None, device="cpu"):

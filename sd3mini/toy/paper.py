@@ -22,7 +22,6 @@ results (``sd3mini/toy/results/paper_<experiment>.json``).
 import argparse
 import copy
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,11 +32,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .. import formulations as fm
 from ..book import RESULTS
-from ..flow import process_in, time_shift
+from ..flow import process_in, process_out
 from . import data, judge
 from .backbones import build_backbone
+from .data import data_stats, training_batch
 from .model import ToyTextEncoder, toy_mmdit_config
-from .train import Recipe, data_stats, optimizer_step
+from .recipe import Recipe
+from .train import optimizer_step
 
 STEP_COUNTS = (5, 10, 25)
 VAL_LEVELS = 8
@@ -46,14 +47,14 @@ VAL_LEVELS = 8
 @dataclass(frozen=True)
 class Arm:
     """One configuration: a formulation, a backbone and a size, trained with the short recipe."""
-    formulation: str = "rf/lognorm"
-    backbone: str = "mmdit"
-    depth: int = 4
-    width: int = 128
+    formulation: str = "rf/lognorm"   # one of formulations.FORMULATIONS
+    backbone: str = "mmdit"            # one of backbones.BACKBONES
+    depth: int = 4                     # blocks
+    width: int = 128                   # the backbone's hidden size
     heads: int = 2
-    steps: int = 2000
+    steps: int = 2000                  # training steps (short_recipe's schedule)
     batch: int = 48
-    seed: int = 0
+    seed: int = 0                      # of the initial weights and of the batches
 
     def name(self) -> str:
         return f"{self.formulation.replace('/', '-')}_{self.backbone}_d{self.depth}w{self.width}_seed{self.seed}"
@@ -84,24 +85,12 @@ class Denoiser(nn.Module):
         return self.net(fm.network_input(self.formulation, z, u), 1000 * u, y=pooled, context=context)
 
 
-def training_batch(r: Recipe, arm: Arm, step: int, scale: float, shift: float):
-    """(x0, captions, eps, u) for ``step``: the same images and captions for every formulation."""
-    seed = (r.seed * 1_000_003) * 10_000_019 + step
-    images, captions, _ = data.batch(seed, r.batch, p_pair=0.0 if step < r.singles_first else r.p_pair)
-    rng = random.Random(seed)
-    captions = ["" if rng.random() < r.cfg_drop else c for c in captions]
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.randn(images.shape, generator=gen)
-    u = time_shift(fm.train_u(arm.formulation, r.batch, gen), r.t_shift)
-    return process_in(images, scale, shift), captions, eps, u
-
-
-def validation_set(scale: float, shift: float, n: int = 128, seed: int = 20261204):
+def validation_set(latent_scale: float, latent_shift: float, n: int = 128, seed: int = 20261204):
     """Held-out images, captions and noises (a seed no training batch uses), and the noise levels u."""
     images, captions, _ = data.batch(seed, n, p_pair=0.5)
     eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     levels = (torch.arange(VAL_LEVELS) + 0.5) / VAL_LEVELS
-    return process_in(images, scale, shift), captions, eps, levels
+    return process_in(images, latent_scale, latent_shift), captions, eps, levels
 
 
 @torch.no_grad()
@@ -138,12 +127,12 @@ def generate(model: Denoiser, captions: list[str], steps: int, cfg_scale: float 
     return z
 
 
-def judge_scores(model: Denoiser, scale: float, shift: float, n: int = 120) -> dict:
+def judge_scores(model: Denoiser, latent_scale: float, latent_shift: float, n: int = 120) -> dict:
     """{steps: {"singles": score, "pairs": score, "held_out_pairs": score}} on fixed captions."""
     captions = data.eval_captions()[: n // 2] + data.eval_captions()[150: 150 + n // 2]
     result = {}
     for steps in STEP_COUNTS:
-        images = generate(model, captions, steps) / scale + shift          # pixels in [-1, 1]
+        images = process_out(generate(model, captions, steps), latent_scale, latent_shift)   # pixels in [-1, 1]
         groups = {"singles": captions[: n // 2],
                   "pairs": [c for c in captions[n // 2:] if not data.uses_held_out(c)],
                   "held_out_pairs": [c for c in captions[n // 2:] if data.uses_held_out(c)]}
@@ -170,11 +159,12 @@ def run_arm(arm: Arm, val_every: int = 250, judge_captions: int = 120, progress:
     model = Denoiser(arm, r)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=r.weight_decay)
-    scale, shift = data_stats()
-    val = validation_set(scale, shift)
+    latent_scale, latent_shift = data_stats()
+    val = validation_set(latent_scale, latent_shift)
+    draw = lambda n, generator: fm.train_u(arm.formulation, n, generator)  # noqa: E731  (each its own levels)
     curve, losses, start = [], [], time.time()
     for step in range(r.steps):
-        x0, captions, eps, u = training_batch(r, arm, step, scale, shift)
+        x0, captions, eps, u = training_batch(r, step, 0, latent_scale, latent_shift, draw)
         z = fm.noisy(arm.formulation, x0, eps, u)
         loss = fm.loss(arm.formulation, model(z, u, model.text.tokenize(captions)), x0, eps, u)
         losses.append(optimizer_step(model, ema, opt, r, step, loss).item())
@@ -188,7 +178,7 @@ def run_arm(arm: Arm, val_every: int = 250, judge_captions: int = 120, progress:
             "text_params": sum(p.numel() for p in model.text.parameters()),
             "flops_per_image": flops, "train_flops_per_step": 3 * flops * r.batch,
             "train_loss": [round(sum(losses[i:i + 50]) / 50, 5) for i in range(0, len(losses), 50)],
-            "val": curve, "judge": judge_scores(ema, scale, shift, judge_captions),
+            "val": curve, "judge": judge_scores(ema, latent_scale, latent_shift, judge_captions),
             "minutes": round((time.time() - start) / 60, 2)}
 
 

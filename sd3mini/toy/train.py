@@ -1,266 +1,71 @@
-"""Train the tiny SD3 from scratch with the paper's recipe.
+"""Train the tiny SD3 from scratch with the paper's recipe: the step, and the loop that repeats it.
 
     python -m sd3mini train-toy                                                  # one hour, one core
     torchrun --nproc_per_node=2 -m sd3mini train-toy --recipe shipped            # the shipped model
 
-    rectified flow: z_t = (1 - t) x0 + t noise, predict v = noise - x0, MSE       (sd3mini.flow)
-    t ~ logit-normal(0, 1) (or uniform / mode / cosmap), 10% empty captions for CFG, AdamW, EMA
+    rectified flow: z = (1 - sigma) x0 + sigma noise, predict v = noise - x0, MSE   (sd3mini.flow)
+    sigma ~ logit-normal(0, 1) (or uniform / mode / cosmap), shifted; 10% empty captions for CFG; AdamW, EMA
 
-Runs unchanged under ``torchrun --nproc_per_node=N`` (DDP; gloo on CPU, NCCL on GPU): each rank draws
-its own batches, gradients are averaged, and at the end the ranks check that their weights agree.
-Checkpoints are safetensors: ``last.safetensors`` (everything needed to resume) and ``toy_sd3.safetensors``
-(the EMA weights, what ``sd3mini.toy.toy_pipeline`` loads).
+The recipe is ``recipe.py``, the batches ``data.py``, the run's files ``checkpoints.py``, and running
+unchanged under ``torchrun --nproc_per_node=N`` ``ddp.py``. Checkpoints are safetensors:
+``last.safetensors`` (everything needed to resume) and ``toy_sd3.safetensors`` (the EMA weights, what
+``sd3mini.toy.model.toy_pipeline`` loads).
 """
 
 import argparse
 import copy
 import json
-import math
 import os
-import random
 import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, FolderLock, file_metadata, open_state_dict, save_state_dict
-from ..checks import ArgumentError, Parser, check_cfg, check_choice, check_int, check_number, check_shift
-from ..flow import TIMESTEP_SAMPLERS, flow_matching_loss, interpolate, process_in, sample_t, time_shift
-from ..mmdit import MMDiT
-from . import data
-from .model import TOY_MAX_PARAMS, ToyTextEncoder, toy_mmdit_config
+from ..checkpoint import FolderLock
+from ..checks import ArgumentError, Parser, check_int, check_number
+from ..flow import TIMESTEP_SAMPLERS, flow_matching_loss, interpolate
+from .checkpoints import (RUN_FILES, export, load_training_state, save_training_state, training_meta,
+                          trim_log)
+from .data import data_stats, training_batch
+from .ddp import StopOnSignal, ranks_agree, setup_distributed
+from .judge import eval_captions_subset, evaluate
+from .model import ToySD3, pipeline_of
+from .recipe import (ARCHITECTURE, PRESETS, Recipe, check_recipe, learning_rate, recipe_changes, recipe_from,
+                     toy_defaults)
 
 
-@dataclass
-class Recipe:
-    """Everything that defines a run (stored in its checkpoints). The defaults are the one-hour recipe on
-    one CPU core; what it and the shipped model's longer schedule learn is measured in benchmarks/RESULTS.md."""
-    steps: int = 10000
-    batch: int = 48                    # per rank
-    lr: float = 1e-3
-    warmup: int = 200
-    cooldown: int = 4000               # final steps over which the learning rate falls linearly to 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema: float = 0.999
-    t_sampler: str = "logit_normal"
-    t_shift: float = 3.0               # time_shift applied to the sampled t (and the sampling schedule)
-    cfg_drop: float = 0.1              # fraction of empty captions (the CFG null condition)
-    p_pair: float = 0.5                # fraction of two-object scenes (after singles_first): relations need them
-    singles_first: int = 2000          # steps of single objects only, before pairs are mixed in
-    cfg_scale: float = 2.0             # the guidance the exported model samples with by default
-    width: int = 128
-    depth: int = 4
-    heads: int = 2
-    patch: int = 4
-    text_width: int = 128
-    text_layers: int = 2
-    seed: int = 0
+def update_ema(ema, model, step: int, decay: float):
+    """ema <- decay * ema + (1 - decay) * model, with a warm-up so that early weights fade fast."""
+    decay = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(p, 1 - decay)
 
 
-# Named recipes for ``--recipe``: the fields that differ from ``Recipe()``, and the number of ranks each
-# was measured with (``batch`` is per rank, so another number of ranks is another recipe).
-PRESETS = {
-    # The default: one hour on one core. It learns single objects and both colours of a pair, not
-    # relations (benchmarks/RESULTS.md).
-    "one-hour": ({}, 1),
-    # The shipped model: 11 500 steps of 2 x 48 captions, 90% pairs after 1 000 steps of single objects,
-    # the learning rate cooled to 0 over the last 6 000; 80 minutes on 2 CPU cores under
-    # ``torchrun --nproc_per_node=2``. Relations rise mostly in the cool-down (chapter 15). Its sampling
-    # default, CFG 2, was chosen on the 300 evaluation captions after training (the run judged at 3).
-    "shipped": ({"steps": 11500, "cooldown": 6000, "p_pair": 0.9, "singles_first": 1000}, 2),
-}
+def train_step(model, ema, opt, r: Recipe, step: int, batch, forward=None) -> torch.Tensor:
+    """One step of the recipe on ``batch`` = (x0, captions, noise, sigma) from ``training_batch``: the
+    velocity loss, backward, gradient clipping, AdamW at ``learning_rate(r, step)``, then the EMA.
+    ``forward`` runs the model (its DDP wrapper under torchrun; default: ``model``). Returns the loss."""
+    x0, captions, noise, sigma = batch
+    v = (forward or model)(interpolate(x0, noise, sigma), sigma, model.text.tokenize(captions))
+    return optimizer_step(model, ema, opt, r, step, flow_matching_loss(v, x0, noise))
 
 
-def recipe_from(stored: dict, path=None) -> Recipe:
-    """A recipe stored in a checkpoint (``path``, for messages). Runs before 2026-12 also stored
-    ``text_pool``, always "eos", the only pooling left."""
-    where = f"{path}: " if path is not None else ""
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"{where}its recipe is a JSON {type(stored).__name__}, not an object")
-    stored = dict(stored)
-    if stored.pop("text_pool", "eos") != "eos":
-        raise CheckpointError(f"{where}this run pooled its text by the mean, which sd3mini no longer supports")
-    unknown = sorted(set(stored) - {f.name for f in fields(Recipe)})
-    if unknown:
-        raise CheckpointError(f"{where}its recipe has {', '.join(map(repr, unknown))}, which this sd3mini's "
-                              "train-toy does not know (a newer sd3mini wrote it?)")
-    return Recipe(**stored)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_recipe(r: Recipe):
-    """Refuse a recipe that would crash or train nonsense; the message names the option, its value, the rule."""
-    for name in ("steps", "batch", "depth", "heads", "patch", "width", "text_width", "text_layers"):
-        check_int(_flag(name), getattr(r, name), minimum=1)
-    for name in ("warmup", "cooldown", "singles_first", "seed"):
-        check_int(_flag(name), getattr(r, name), minimum=0)
-    if r.cooldown > r.steps:
-        raise ArgumentError(f"the cool-down ({r.cooldown} steps) is longer than the run ({r.steps} steps); "
-                            f"pass --cooldown {r.steps // 3} or less (0 keeps the learning rate constant)")
-    for name in ("width", "text_width"):
-        if getattr(r, name) % r.heads:
-            raise ArgumentError(f"{_flag(name)} {getattr(r, name)} must be divisible by --heads {r.heads}")
-    if r.width % 4:                                   # the 2-D sin-cos position code: sin and cos of x and y
-        raise ArgumentError(f"--width {r.width} must be divisible by 4")
-    if data.IMAGE_SIZE % r.patch:
-        raise ArgumentError(f"--patch {r.patch} must divide the image size {data.IMAGE_SIZE}")
-    check_number("--lr", r.lr, above=0)
-    check_number("--grad-clip", r.grad_clip, above=0)
-    check_number("--weight-decay", r.weight_decay, minimum=0)
-    check_cfg("--cfg-scale", r.cfg_scale)            # exported as the model's default: load_toy checks it so
-    for name in ("ema", "cfg_drop", "p_pair"):
-        check_number(_flag(name), getattr(r, name), minimum=0, maximum=1)
-    check_choice("--t-sampler", r.t_sampler, TIMESTEP_SAMPLERS)
-    check_shift("--t-shift", r.t_shift)
-    with torch.device("meta"):                        # shapes only: nothing is allocated
-        n = sum(p.numel() for p in ToySD3(r).parameters())
-    if n > TOY_MAX_PARAMS:
-        raise ArgumentError(f"this recipe makes a model of {n / 1e6:,.1f} M parameters; a tiny model has at most "
-                            f"{TOY_MAX_PARAMS / 1e6:.0f} M (the shipped one 2.7 M): lower --width or --depth")
-
-
-# Fields that fix the model's shape: a checkpoint cannot be resumed with others, even with --force.
-ARCHITECTURE = ("width", "depth", "heads", "patch", "text_width", "text_layers")
-
-
-def recipe_changes(saved: Recipe, r: Recipe) -> dict:
-    """{field: (saved value, new value)} for every field that differs, except ``steps`` (extending a run
-    by resuming it with more steps is the normal use)."""
-    return {f.name: (getattr(saved, f.name), getattr(r, f.name)) for f in fields(Recipe)
-            if f.name != "steps" and getattr(saved, f.name) != getattr(r, f.name)}
-
-
-class ToySD3(nn.Module):
-    """The trainable pair: text encoder + MM-DiT. forward -> the predicted velocity."""
-
-    def __init__(self, r: Recipe):
-        super().__init__()
-        self.text = ToyTextEncoder(width=r.text_width, layers=r.text_layers, heads=r.heads)
-        self.mmdit = MMDiT(toy_mmdit_config(r.width, r.depth, r.patch, r.text_width, heads=r.heads)).initialize_weights()
-
-    def forward(self, zt, sigma, tokens):
-        """zt (B, 3, H, W) at noise levels sigma (B,), tokens (B, 16) -> the velocity (B, 3, H, W)."""
-        context, pooled = self.text(tokens)
-        return self.mmdit(zt, 1000 * sigma, y=pooled, context=context)
-
-
-def learning_rate(r: Recipe, step: int) -> float:
-    """Warm-up, constant, then a linear cool-down to 0 over the last ``r.cooldown`` steps. The
-    schedule up to the cool-down does not depend on ``r.steps``, so a run can be extended by resuming."""
-    warm = min(1.0, (step + 1) / r.warmup) if r.warmup else 1.0
-    cool = min(1.0, (r.steps - step) / r.cooldown) if r.cooldown else 1.0
-    return r.lr * warm * cool
-
-
-def data_stats(n: int = 2048, seed: int = 999) -> tuple[float, float]:
-    """SD3 normalizes its latents to unit variance (scale 1/std, shift mean); the same, measured on pixels."""
-    images, _, _ = data.batch(seed, n)
-    return 1.0 / images.std().item(), images.mean().item()
-
-
-def training_batch(r: Recipe, step: int, rank: int, scale: float, shift: float):
-    """The batch of ``step`` on ``rank``: a function of (seed, rank, step) only, so resuming is exact."""
-    seed = (r.seed * 1_000_003 + rank) * 10_000_019 + step
-    # A curriculum: single objects first teach grid position, which pair captions never name
-    # (benchmarks/RESULTS.md).
-    p_pair = 0.0 if step < r.singles_first else r.p_pair
-    images, captions, _ = data.batch(seed, r.batch, p_pair=p_pair)
-    rng = random.Random(seed)
-    captions = ["" if rng.random() < r.cfg_drop else c for c in captions]
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(images.shape, generator=gen)
-    t = time_shift(sample_t(r.batch, r.t_sampler, generator=gen), r.t_shift)
-    return process_in(images, scale, shift), captions, noise, t
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
-def save_training_state(path, model, ema, opt, step, meta):
-    sd = {f"model.{k}": v for k, v in model.state_dict().items()}
-    sd |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    state = opt.state_dict()
-    for i, s in state["state"].items():
-        sd |= {f"opt.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in s.items()}
-    meta = meta | {"step": step, "param_groups": state["param_groups"]}
-    save_state_dict(sd, path, metadata={"sd3mini_train": json.dumps(meta)})    # atomic: a temporary file, renamed
-
-
-def training_meta(path) -> dict:
-    """What a ``last.safetensors`` stores beside the tensors: step, elapsed, recipe, latent scale/shift, ..."""
-    raw = file_metadata(path).get("sd3mini_train")
-    if raw is None:
-        raise CheckpointError(f"{path} is not a train-toy training state (no sd3mini_train metadata)")
-    return json.loads(raw)
-
-
-def load_training_state(path, model, ema, opt) -> dict:
-    sd = {k: v.load() for k, v in open_state_dict(path).items()}
-    meta = training_meta(path)
-    model.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema.")})
-    state = {"state": {}, "param_groups": meta["param_groups"]}
-    for k, v in sd.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            state["state"].setdefault(int(i), {})[name] = v
-    opt.load_state_dict(state)
-    return meta
-
-
-def export(path, ema: ToySD3, r: Recipe, scale: float, shift: float, extra: dict | None = None):
-    """The shipped format: EMA weights in float16 plus what ``load_toy`` needs to rebuild the pipeline."""
-    cfg = asdict(ema.mmdit.config)
-    meta = {"mmdit": cfg, "text": ema.text.config, "latent_scale": scale, "latent_shift": shift,
-            "image_size": data.IMAGE_SIZE, "recipe": asdict(r),
-            "defaults": toy_defaults(r)} | (extra or {})
-    sd = {f"mmdit.{k}": v.half() for k, v in ema.mmdit.state_dict().items()}
-    sd |= {f"text.{k}": v.half() for k, v in ema.text.state_dict().items()}
-    save_state_dict(sd, path, metadata={"sd3mini_toy": json.dumps(meta)})      # atomic: a temporary file, renamed
-
-
-# --- evaluation -----------------------------------------------------------------------------------
-def toy_defaults(r: Recipe) -> dict:
-    """How a model of this recipe samples by default (stored in its exported file)."""
-    return dict(steps=20, cfg_scale=r.cfg_scale, shift=r.t_shift, sampler="euler")
-
-
-def generate(pipe, captions, *, seed=0, batch=100, **options) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] for ``captions`` through ``pipe``, image i from seed ``seed + i``;
-    ``options`` are the pipeline's (steps, cfg_scale, shift, ...)."""
-    return torch.cat([pipe(captions[i: i + batch], seed=seed + i, output="tensor", progress=False, **options)
-                      for i in range(0, len(captions), batch)])
-
-
-def evaluate(pipe, captions, **options) -> dict:
-    """The judge's scores (colour, shape, size, cell, relation, all) of ``pipe``'s images of ``captions``."""
-    from .judge import score
-
-    return score(generate(pipe, captions, **options), captions)
-
-
-# --- the loop -------------------------------------------------------------------------------------
-def _setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-RUN_FILES = ("last.safetensors", "toy_sd3.safetensors", "train_log.jsonl")
+def optimizer_step(model, ema, opt, r: Recipe, step: int, loss: torch.Tensor) -> torch.Tensor:
+    """The recipe's update from a loss: backward, gradient clipping, AdamW at ``learning_rate(r, step)``,
+    then the EMA. Returns the loss, detached."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
+    for group in opt.param_groups:
+        group["lr"] = learning_rate(r, step)
+    opt.step()
+    update_ema(ema, model, step, r.ema)
+    return loss.detach()
 
 
 def check_out(out: Path, r: Recipe, resume: bool, force: bool) -> list[str]:
@@ -294,88 +99,6 @@ def check_out(out: Path, r: Recipe, resume: bool, force: bool) -> list[str]:
     return []
 
 
-def _log_step(line: str) -> float:
-    """The step of a log row; a blank or damaged row (a write cut short) counts as after every step."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-def trim_log(path: Path, step: int):
-    """Keep the log rows up to ``step`` (the saved one): rows written after the last save are redone."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if _log_step(line) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(row + "\n" for row in rows))
-    os.replace(tmp, path)
-
-
-class StopOnSignal:
-    """SIGINT and SIGTERM ask the loop to stop after the current step, which then saves as at the end.
-    A second SIGINT interrupts at once (the usual KeyboardInterrupt)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def requested(self, world: int, device, time_up: bool = False) -> bool:
-        """Whether to stop now (a signal, or ``time_up``); under DDP every rank stops at the same step when
-        any rank asks, so none is left waiting in a collective."""
-        stop = self.received is not None or time_up
-        if world > 1:
-            flag = torch.tensor([float(stop)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
-
-
-def update_ema(ema, model, step: int, decay: float):
-    """ema <- decay * ema + (1 - decay) * model, with a warm-up so that early weights fade fast."""
-    decay = min(decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for pe, p in zip(ema.parameters(), model.parameters()):
-            pe.lerp_(p, 1 - decay)
-
-
-def train_step(model, ema, opt, r: Recipe, step: int, batch, forward=None) -> torch.Tensor:
-    """One step of the recipe on ``batch`` = (x0, captions, noise, sigma) from ``training_batch``: the
-    velocity loss, backward, gradient clipping, AdamW at ``learning_rate(r, step)``, then the EMA.
-    ``forward`` runs the model (its DDP wrapper under torchrun; default: ``model``). Returns the loss."""
-    x0, captions, noise, sigma = batch
-    v = (forward or model)(interpolate(x0, noise, sigma), sigma, model.text.tokenize(captions))
-    return optimizer_step(model, ema, opt, r, step, flow_matching_loss(v, x0, noise))
-
-
-def optimizer_step(model, ema, opt, r: Recipe, step: int, loss: torch.Tensor) -> torch.Tensor:
-    """The recipe's update from a loss: backward, gradient clipping, AdamW at ``learning_rate(r, step)``,
-    then the EMA. Returns the loss, detached."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
-    for group in opt.param_groups:
-        group["lr"] = learning_rate(r, step)
-    opt.step()
-    update_ema(ema, model, step, r.ema)
-    return loss.detach()
-
-
 @dataclass
 class Run:
     """What the loop carries: the models, the optimizer, where it is, and where it writes."""
@@ -384,20 +107,21 @@ class Run:
     model: ToySD3
     ema: ToySD3
     opt: torch.optim.Optimizer
-    forward: nn.Module
-    scale: float
-    shift: float
+    forward: nn.Module                 # the model, or its DDP wrapper under torchrun
+    latent_scale: float
+    latent_shift: float
     rank: int
     world: int
     device: torch.device
-    step: int = 0
-    start: float = 0.0
-    meta: dict | None = None
-    log: object = None
-    evals: list | None = None
+    step: int                          # steps done
+    start: float                       # time.time() of step 0 (earlier when resumed)
+    meta: dict                         # what the training state stores beside the tensors
+    log: object                        # train_log.jsonl, open for appending (rank 0), else None
+    evals: list                        # the captions the judge scores along the way
 
     def batch(self):
-        x0, captions, noise, sigma = training_batch(self.r, self.step, self.rank, self.scale, self.shift)
+        x0, captions, noise, sigma = training_batch(self.r, self.step, self.rank, self.latent_scale,
+                                                    self.latent_shift)
         return x0.to(self.device), captions, noise.to(self.device), sigma.to(self.device)
 
     def minutes(self) -> float:
@@ -416,7 +140,7 @@ def _start_run(r: Recipe, out: Path, lock: FolderLock, *, resume: bool, force: b
     if int(os.environ.get("RANK", 0)) == 0 and out.is_dir():
         _hold(lock, out)                              # before the folder is read: no other run changes it now
     changes = check_out(out, r, resume, force)
-    rank, world, device = _setup_distributed()
+    rank, world, device = setup_distributed()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _hold(lock, out)                              # a new folder: before anything is written in it
@@ -429,21 +153,20 @@ def _start_run(r: Recipe, out: Path, lock: FolderLock, *, resume: bool, force: b
     model = ToySD3(r).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=r.weight_decay)
-    scale, shift = data_stats()
-    forward = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    run = Run(r, out, model, ema, opt, forward, scale, shift, rank, world, device)
-    elapsed = 0.0
+    step, elapsed = 0, 0.0
     if resume:
         saved = load_training_state(out / "last.safetensors", model, ema, opt)
-        run.step, elapsed = saved["step"], saved["elapsed"]
+        step, elapsed = saved["step"], saved["elapsed"]
         if rank == 0:
-            trim_log(out / "train_log.jsonl", run.step)
-    run.start = time.time() - elapsed
-    run.meta = {"recipe": asdict(r), "world": world, "params": sum(p.numel() for p in model.parameters()),
-                "latent_scale": scale, "latent_shift": shift}
-    run.log = open(out / "train_log.jsonl", "a") if rank == 0 else None
-    run.evals = eval_captions_subset(eval_size)
-    return run
+            trim_log(out / "train_log.jsonl", step)
+    latent_scale, latent_shift = data_stats()
+    meta = {"recipe": asdict(r), "world": world, "params": sum(p.numel() for p in model.parameters()),
+            "latent_scale": latent_scale, "latent_shift": latent_shift}
+    return Run(r=r, out=out, model=model, ema=ema, opt=opt,
+               forward=nn.parallel.DistributedDataParallel(model) if world > 1 else model,
+               latent_scale=latent_scale, latent_shift=latent_shift, rank=rank, world=world, device=device,
+               step=step, start=time.time() - elapsed, meta=meta,
+               log=open(out / "train_log.jsonl", "a") if rank == 0 else None, evals=eval_captions_subset(eval_size))
 
 
 def _log(run: Run, loss: float, eval_every: int):
@@ -452,9 +175,8 @@ def _log(run: Run, loss: float, eval_every: int):
         return
     record = {"step": run.step, "loss": round(loss, 5), "minutes": round(run.minutes(), 3)}
     if eval_every and run.step % eval_every == 0:
-        from .model import pipeline_of
-
-        pipe = pipeline_of(run.ema.mmdit, run.ema.text, run.scale, run.shift, toy_defaults(run.r), run.device)
+        pipe = pipeline_of(run.ema.mmdit, run.ema.text, run.latent_scale, run.latent_shift, toy_defaults(run.r),
+                           run.device)
         record["eval"] = evaluate(pipe, run.evals)
         tqdm.write(f"step {run.step}: " + ", ".join(f"{k} {v:.2f}" for k, v in record["eval"].items()))
     run.log.write(json.dumps(record) + "\n")
@@ -466,7 +188,7 @@ def _save(run: Run, **extra):
     run.meta["elapsed"] = time.time() - run.start
     if run.rank == 0:
         save_training_state(run.out / "last.safetensors", run.model, run.ema, run.opt, run.step, run.meta)
-        export(run.out / "toy_sd3.safetensors", run.ema, run.r, run.scale, run.shift,
+        export(run.out / "toy_sd3.safetensors", run.ema, run.r, run.latent_scale, run.latent_shift,
                {"steps_trained": run.step, "world": run.world} | extra)
 
 
@@ -477,19 +199,9 @@ def _finish(run: Run):
         run.log.close()
     if run.world == 1:
         return
-    flat = torch.cat([p.detach().flatten() for p in list(run.model.parameters()) + list(run.ema.parameters())])
-    gathered = [torch.empty_like(flat) for _ in range(run.world)]
-    dist.all_gather(gathered, flat)
-    same = all(torch.equal(g, gathered[0]) for g in gathered)
+    same = ranks_agree(run)
     if run.rank == 0:
         print(f"ranks agree: weights {'identical' if same else 'DIFFERENT'} across {run.world} ranks")
-    # Tear down in order: gloo's worker thread frees each finished collective (which needs the GIL), so
-    # wait for it (a barrier) and drop DDP's reducer while the group is still registered; destroying the
-    # group with a collective still to be freed deadlocked at exit (the worker waits for the GIL, the
-    # main thread holds it while joining the worker).
-    dist.barrier()
-    run.forward = run.model
-    dist.destroy_process_group()
     if not same:
         raise RuntimeError("DDP ranks ended with different weights")
 
@@ -529,13 +241,6 @@ def train(r: Recipe, out: str | Path, *, minutes: float | None = None, resume: b
         lock.release()
     return {"steps": run.step, "minutes": run.meta["elapsed"] / 60, "params": run.meta["params"],
             "interrupted": stop.received}
-
-
-def eval_captions_subset(n: int) -> list[str]:
-    """An even mix of single-object and two-object captions from the fixed evaluation set."""
-    full = data.eval_captions()
-    half = n // 2
-    return full[:half] + full[150: 150 + n - half]
 
 
 def main(argv=None):
