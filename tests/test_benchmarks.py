@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import bench_memory  # noqa: E402
 import bench_mmdit  # noqa: E402
+import bench_vae  # noqa: E402
 
 import sd3mini  # noqa: E402
 
@@ -28,6 +29,13 @@ def test_bench_mmdit_tiny(capsys):
     rows = bench_mmdit.main(["--tiny"])
     assert {r["impl"] for r in rows} >= {"sd3mini"} and all(r["ms"] > 0 for r in rows)
     assert "vs diffusers" in capsys.readouterr().out
+
+
+def test_bench_vae_tiny(capsys):
+    rows = bench_vae.main(["--tiny"])
+    assert {r["impl"] for r in rows} >= {"sd3mini"} and all(0 < r["min_ms"] <= r["ms"] <= r["max_ms"] for r in rows)
+    out = capsys.readouterr().out
+    assert "vs diffusers" in out and ("max |diff|" in out) == any(r["impl"] == "diffusers" for r in rows)
 
 
 def test_bench_memory_tiny(tmp_path):
