@@ -78,7 +78,8 @@ def build(make, sd: dict, *, what: str, device=None, dtype=None, keep_fp32=(), a
             expected[key].copy_(t)      # built on the CPU: into the module's own tensor, never a second copy
             continue
         if t.device.type == "cpu" and t.data_ptr() % 64:
-            # A view into the (copy-on-write) memory map at the file's byte offset. CPU kernels take
+            # A view into a memory map at the file's byte offset (a state dict the caller read with
+            # safetensors; sd3mini's own reads are aligned, checkpoint._read). CPU kernels take
             # other SIMD paths on unaligned data and round differently (~1e-6), so the same weights
             # would give slightly different outputs depending on the file's layout: copy to aligned memory.
             t = t.clone()

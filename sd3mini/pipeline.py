@@ -153,7 +153,7 @@ class SD3Pipeline:
 
         ``offload="none"``: every component on ``device``. ``"model"``: in host memory, each visits the
         device while it runs. ``"sequential"``: nothing is loaded now; each component is read from its
-        memory-mapped file straight onto the device right before its stage and freed after it.
+        file onto the device, one tensor at a time, right before its stage and freed after it.
         """
         check_choice("offload", offload, OFFLOAD_MODES)        # before anything is loaded
         check_dtype("dtype", dtype)
@@ -312,7 +312,7 @@ class SD3Pipeline:
 
 
 class OnDisk:
-    """A component left in its file: ``load()`` reads it (memory-mapped) onto the device when its stage
+    """A component left in its file: ``load()`` reads it onto the device when its stage
     comes. ``attrs`` are what the pipeline needs to know without loading it (``config``, ``downscale``)."""
 
     def __init__(self, load, **attrs):
