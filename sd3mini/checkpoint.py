@@ -173,7 +173,7 @@ def open_state_dict(path) -> dict[str, LazyTensor]:
     for file in safetensors_files(Path(path)):
         header = read_header(file)
         with open(file, "rb") as f:
-            start = 8 + int.from_bytes(f.read(8), "little")    # where the tensors' data begin
+            start = 8 + int.from_bytes(f.read(8), "little")   # where the data begin
         handle = None
         for key, info in header.items():
             if key == "__metadata__":
@@ -181,32 +181,35 @@ def open_state_dict(path) -> dict[str, LazyTensor]:
             dtype = _DTYPES.get(info["dtype"], info["dtype"])
             if isinstance(dtype, torch.dtype) and sys.byteorder == "little":
                 begin, end = info["data_offsets"]
-                load = partial(_read, file, start + begin, end - begin, info["shape"], dtype)
-            else:       # a dtype torch has no name for here (U16, ...), or a big-endian machine
+                load = partial(_read, file, start + begin, end - begin, info["shape"],
+                               dtype)
+            else:   # a dtype torch has no name for (U16, ...), or a big-endian host
                 handle = handle or safe_open(str(file), framework="pt", device="cpu")
                 load = partial(handle.get_tensor, key)
             sd[key] = LazyTensor(info["shape"], dtype, load)
     return sd
 
 
-def _read(file: Path, begin: int, nbytes: int, shape, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor, read with plain reads into memory of its own (torch's allocator: 64-byte aligned).
+def _read(file: Path, begin: int, nbytes: int, shape, dtype: torch.dtype):
+    """One tensor, read with plain reads into memory of its own (torch's allocator:
+    64-byte aligned).
 
-    Not through a memory map, as safetensors' ``get_tensor`` does: every page of a map that a loader
-    touches stays in the process's RSS until the map is closed, after the whole model is read. With
-    maps, ``offload="sequential"`` on the CPU peaked at 20.5 GB of RSS while T5-XXL (9.5 GB) was
-    loaded (benchmarks/RESULTS.md), and a load onto a GPU held the whole file in host RSS. A read
-    leaves the file in the page cache, which the kernel reclaims and which is not the process's RSS.
+    Not through a memory map, as safetensors' ``get_tensor`` does: every page of a map
+    that a loader touches stays in the process's RSS until the map is closed, after the
+    whole model is read. With maps, ``offload="sequential"`` on the CPU peaked at 20.5
+    GB of RSS while T5-XXL (9.5 GB) was loaded (benchmarks/RESULTS.md), and a load onto
+    a GPU held the whole file in host RSS. A read leaves the file in the page cache,
+    which the kernel reclaims and which is not the process's RSS.
     """
     raw = torch.empty(nbytes, dtype=torch.uint8)
     view = memoryview(raw.numpy()).cast("B")
     with open(file, "rb", buffering=0) as f:
         f.seek(begin)
         done = 0
-        while done < nbytes:                      # one read() returns at most ~2 GB on Linux
+        while done < nbytes:                # one read() returns at most ~2 GB on Linux
             n = f.readinto(view[done:])
             if not n:
-                raise CheckpointError(f"{file} is truncated: a tensor ends past the end of the file")
+                raise CheckpointError(f"{file} is truncated: a tensor runs past its end")
             done += n
     return raw.view(dtype).reshape(shape)
 

@@ -153,9 +153,10 @@ class SD3Pipeline:
     def _from_sources(cls, sources: dict, tokenizer, *, name, device, dtype, offload) -> "SD3Pipeline":
         """Build the pipeline from one source (path) per component.
 
-        ``offload="none"``: every component on ``device``. ``"model"``: in host memory, each visits the
-        device while it runs. ``"sequential"``: nothing is loaded now; each component is read from its
-        file onto the device, one tensor at a time, right before its stage and freed after it.
+        ``offload="none"``: every component on ``device``. ``"model"``: in host memory,
+        each visits the device while it runs. ``"sequential"``: nothing is loaded now;
+        each component is read from its file onto the device, one tensor at a time,
+        right before its stage, and freed after it.
         """
         check_choice("offload", offload, OFFLOAD_MODES)        # before anything is loaded
         check_dtype("dtype", dtype)
@@ -336,21 +337,22 @@ class LoadOnCall(OnDisk):
 
 
 def free_memory(device):
-    """After a component is dropped: free it, and give the host memory it held back to the system."""
+    """After a component is dropped: free it, and give its host memory back."""
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     trim = _malloc_trim()
     if trim is not None:
-        # glibc keeps freed small blocks (CLIP's tensors of a few MB) for reuse, and the next
-        # component's large tensors do not reuse them: after CLIP-G (1.4 GB) 0.5 GB stayed in the
-        # RSS through T5's stage (benchmarks/RESULTS.md). malloc_trim(0) returns the free pages.
+        # glibc keeps freed small blocks (CLIP's tensors of a few MB) for reuse, and the
+        # next component's large tensors do not reuse them: after CLIP-G (1.4 GB) 0.5 GB
+        # stayed in the RSS through T5's stage (benchmarks/RESULTS.md). malloc_trim(0)
+        # gives the free pages back.
         trim(0)
 
 
 @lru_cache(maxsize=1)
 def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (macOS, Windows, musl)."""
+    """glibc's malloc_trim, or None where the C library has none (macOS, Windows)."""
     try:
         return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError, TypeError):

@@ -248,16 +248,20 @@ def test_detect_model():
     assert detect_model(sd3mini.load_mmdit(GOLDEN / "mmdit_sd3.safetensors").config) == "custom"
 
 
-@pytest.mark.skipif(sd3mini.pipeline._malloc_trim() is None or not Path("/proc/self/status").exists(),
+STATUS = Path("/proc/self/status")
+
+
+@pytest.mark.skipif(sd3mini.pipeline._malloc_trim() is None or not STATUS.exists(),
                     reason="glibc's malloc_trim and Linux's /proc/self/status")
 def test_free_memory_gives_freed_host_memory_back():
-    """Memory a dropped component held in small blocks leaves the RSS between stages: glibc keeps it
-    otherwise (after CLIP-G 0.5 GB stayed resident through T5's stage in sequential mode)."""
+    """Memory a dropped component held in small blocks leaves the RSS between stages:
+    glibc keeps it otherwise (0.5 GB of CLIP-G's stayed through T5's stage in sequential
+    mode)."""
     def anonymous():
-        return int(re.search(r"RssAnon:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+        return int(re.search(r"RssAnon:\s+(\d+)", STATUS.read_text()).group(1)) * 1024
 
-    blocks = [torch.ones(25_000) for _ in range(2_000)]   # 2 000 x 100 kB: small blocks, on the heap
-    kept = blocks[::20]                                    # a few kept: the heap cannot shrink by itself
+    blocks = [torch.ones(25_000) for _ in range(2_000)]   # 2 000 x 100 kB, on the heap
+    kept = blocks[::20]                     # a few kept: the heap cannot shrink itself
     del blocks
     before = anonymous()
     sd3mini.pipeline.free_memory("cpu")
