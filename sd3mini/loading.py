@@ -35,14 +35,13 @@ def _most_common_float_dtype(sd: dict):
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def build(make, sd: dict, *, what: str, device=None, dtype=None, keep_fp32=(), all_keys=None,
+def build(make, sd: dict, *, what: str, device=None, dtype=None, all_keys=None,
           meta: bool = True) -> torch.nn.Module:
     """Build ``make()`` on the meta device and fill it from ``sd`` one tensor at a time, so the host
     never holds the model twice.
 
-    ``dtype=None`` keeps the checkpoint's dtype. ``keep_fp32``: key substrings kept in float32
-    whatever ``dtype`` is (T5's ``wo``, which overflows float16). Missing keys and shape mismatches
-    raise a CheckpointError that says what the file looks like; unknown keys get one warning.
+    ``dtype=None`` keeps the checkpoint's dtype. Missing keys and shape mismatches raise
+    a CheckpointError that says what the file looks like; unknown keys get one warning.
     ``meta=False`` builds on the CPU instead, which starts faster for models of a few MB (the meta
     device's initializers import ``torch._dynamo``; timings in benchmarks/RESULTS.md).
     """
@@ -68,15 +67,17 @@ def build(make, sd: dict, *, what: str, device=None, dtype=None, keep_fp32=(), a
     for key in expected:
         t = materialize(sd[key])
         if t.is_floating_point():
-            t = t.to(device=device or "cpu", dtype=torch.float32 if any(s in key for s in keep_fp32) else dtype)
+            t = t.to(device=device or "cpu", dtype=dtype)
         t = t.to(device or "cpu")
         if (expected[key].dtype, expected[key].device) == (t.dtype, t.device):
             expected[key].copy_(t)      # built on the CPU: into the module's own tensor, never a second copy
             continue
         if t.device.type == "cpu" and t.data_ptr() % 64:
-            # A view into the (copy-on-write) memory map at the file's byte offset. CPU kernels take
-            # other SIMD paths on unaligned data and round differently (~1e-6), so the same weights
-            # would give slightly different outputs depending on the file's layout: copy to aligned memory.
+            # A view into a memory map at the file's byte offset (a state dict the
+            # caller read with safetensors; sd3mini's own reads are aligned). CPU
+            # kernels take other SIMD paths on unaligned data and round differently
+            # (~1e-6), so the same weights would give slightly different outputs
+            # depending on the file's layout: copy to aligned memory.
             t = t.clone()
         tensors[key] = t
     model.load_state_dict(tensors, assign=True, strict=False)   # the keys were checked above
@@ -207,19 +208,24 @@ def load_text_encoder(src, kind: str, *, num_heads: int | None = None, device=No
     single file, a diffusers ``text_encoder*/`` folder or a state dict. ``enc(tokens) -> (hidden, pooled)``.
 
     ``num_heads`` defaults to width / 64 for CLIP (12 for L, 20 for G) and to the size of T5's relative
-    position-bias table (64). In float16, T5's feed-forward output layers stay float32 (they overflow).
+    position-bias table (64). In float16, T5's feed-forward output layers compute in
+    float32 (they overflow float16) from float16 weights.
     """
     full = state_dict_of(src)
     sd = {"transformer." + k: v for k, v in text_encoder_state_dict(full, kind).items()}
     inner = {k[len("transformer."):]: v for k, v in sd.items()}
     if kind == "t5xxl":
         config = T5TextEncoder.config_from_state_dict(inner, num_heads)
-        make, keep = (lambda: T5TextEncoder(config)), ("DenseReluDense.wo",) if dtype == torch.float16 else ()
+        # In float16 the feed-forward outputs (wo) overflow: they compute in float32
+        # from float16 weights (Float32Linear; float32 ones would add 2.0 GB to 9.5).
+        fp32_wo = dtype == torch.float16
+        make = lambda: T5TextEncoder(config, float32_wo=fp32_wo)  # noqa: E731
     else:
         check_clip_kind(inner, kind, src)
         config = CLIPTextEncoder.config_from_state_dict(inner, kind, num_heads)
-        make, keep = (lambda: CLIPTextEncoder(config, projected=(kind == "clip_g"))), ()
-    return build(make, sd, what=f"{kind} text encoder", device=device, dtype=dtype, keep_fp32=keep, all_keys=full)
+        make = lambda: CLIPTextEncoder(config, projected=kind == "clip_g")  # noqa: E731
+    return build(make, sd, what=f"{kind} text encoder", device=device, dtype=dtype,
+                 all_keys=full)
 
 
 def save_single_file(path, *, mmdit=None, vae=None, clip_l=None, clip_g=None, t5xxl=None, prefix: bool = True,

@@ -96,17 +96,40 @@ class CLIPTextEncoder(nn.Module):
         emb.position_ids = torch.arange(emb.position_embedding.num_embeddings, device=device).expand(1, -1)
 
 
+class Float32Linear(nn.Linear):
+    """A linear layer that keeps its weights in their own (16-bit) dtype but computes
+    and returns float32: T5's feed-forward output ``wo`` under float16, whose outputs
+    pass 65,504.
+
+    float16 weights are exact in float32, so the result is the one a float32 copy of the
+    layer gives, without keeping that copy: in T5-XXL 24 layers of 4096 x 10240, 2.0 GB
+    less than float32 weights. The float32 weight exists only while the layer runs
+    (168 MB for T5-XXL's).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 class T5TextEncoder(nn.Module):
     """tokens (B, N) -> (hidden (B, N, 4096) after the final RMS LayerNorm, None).
 
     No attention mask: as in the reference, the padding tokens are attended to.
+    ``float32_wo``: the feed-forward output layers compute in float32 (Float32Linear).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, float32_wo: bool = False):
         super().__init__()
         from transformers import T5EncoderModel   # heavy to import: only when first used
 
         self.transformer = T5EncoderModel(config)
+        if float32_wo:
+            for block in self.transformer.encoder.block:
+                ff = block.layer[-1].DenseReluDense
+                w = ff.wo.weight
+                ff.wo = Float32Linear(w.shape[1], w.shape[0], bias=False,
+                                      device=w.device)
 
     def forward(self, tokens: torch.Tensor):
         tokens = tokens.to(self.transformer.shared.weight.device)

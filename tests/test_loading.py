@@ -1,7 +1,9 @@
 """Loading: round trips through every supported layout, and clear errors for the wrong files."""
 
 import json
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,9 +134,7 @@ def test_loads_on_meta_then_assigns(models, tmp_path):
         assert all(t.device.type == "cpu" and t.dtype == torch.bfloat16
                    for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point())
     t5 = sd3mini.load_text_encoder(path, "t5xxl", dtype=torch.float16)
-    dtypes = {n: p.dtype for n, p in t5.named_parameters()}
-    assert all(d == torch.float32 for n, d in dtypes.items() if "DenseReluDense.wo" in n)   # kept in fp32
-    assert all(d == torch.float16 for n, d in dtypes.items() if "DenseReluDense.wo" not in n)
+    assert all(p.dtype == torch.float16 for p in t5.parameters())  # wo too (fp32 math)
     clip = sd3mini.load_text_encoder(Golden("clip_l").state_dict, "clip_l", num_heads=2)
     assert not any(b.is_meta for b in clip.buffers())                 # position_ids filled in
 
@@ -254,6 +254,70 @@ def test_t5_float16_overflow_is_avoided(models, tmp_path):
     assert ours.dtype == torch.float16 and ours.isfinite().all()
     assert (ours.float() - reference).abs().max() < 0.05
     assert (naive.float() - reference).abs().max() > 1.0
+
+
+def test_t5_float16_wo_computes_in_float32_from_float16_weights(models, tmp_path):
+    """T5's wo under float16 keeps float16 weights (T5-XXL: 2.0 GB less than float32
+    copies) and gives exactly what float32 copies of those weights give."""
+    path = tmp_path / "t5.safetensors"
+    save_single_file(path, t5xxl=models["t5xxl"], dtype=torch.float16)
+    t5 = sd3mini.load_text_encoder(path, "t5xxl", dtype=torch.float16)
+    as_before = sd3mini.load_text_encoder(path, "t5xxl", dtype=torch.float16)
+    blocks = zip(t5.transformer.encoder.block, as_before.transformer.encoder.block)
+    for new, old in blocks:
+        ff = old.layer[-1].DenseReluDense   # the way before: float32 weight copies
+        wo = torch.nn.Linear(ff.wo.in_features, ff.wo.out_features, bias=False)
+        ff.wo = wo.requires_grad_(False)
+        ff.wo.weight.copy_(new.layer[-1].DenseReluDense.wo.weight.float())
+    assert {p.dtype for p in t5.parameters()} == {torch.float16}
+    tokens = torch.randint(0, 64, (2, 77), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    wo = t5.transformer.encoder.block[0].layer[-1].DenseReluDense.wo
+    wo.register_forward_hook(lambda m, a, out: seen.update(dtype=out.dtype))
+    with torch.no_grad():
+        assert torch.equal(t5(tokens)[0], as_before(tokens)[0])
+    assert seen["dtype"] == torch.float32
+
+
+def test_loading_reads_each_tensor_once_into_aligned_memory(models, tmp_path,
+                                                            monkeypatch):
+    """A tensor read from a file is the model's parameter itself when the dtypes match
+    (no second copy), owns its memory (not a view into a file map), and is 64-byte
+    aligned."""
+    import sd3mini.checkpoint as checkpoint
+
+    path = tmp_path / "m.safetensors"
+    save_single_file(path, mmdit=models["mmdit"], dtype=torch.float16)
+    read = []
+    real_read = checkpoint._read
+    monkeypatch.setattr(checkpoint, "_read",
+                        lambda *a: read.append(real_read(*a)) or read[-1])
+    model = sd3mini.load_mmdit(path, dtype=torch.float16)
+    floats = [b for b in model.buffers() if b.is_floating_point()]
+    tensors = list(model.parameters()) + floats
+    assert len(read) == len(model.state_dict())
+    assert {t.data_ptr() for t in tensors} <= {t.data_ptr() for t in read}
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in read)
+    assert all(t.data_ptr() % 64 == 0 for t in read)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(),
+                    reason="reads Linux's /proc/self/status")
+def test_loaded_tensors_are_not_file_backed_memory(tmp_path):
+    """Tensors read from a file do not keep the file's pages in this process's RSS.
+    Through a memory map they did: loading T5-XXL (9.5 GB) to a GPU held 9.5 GB of host
+    RSS."""
+    def rss_file():
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"RssFile:\s+(\d+)", status).group(1)) * 1024
+
+    torch.manual_seed(0)
+    path = tmp_path / "big.safetensors"
+    save_file({f"t{i}": torch.randn(4096, 4096).half() for i in range(4)}, path)
+    before = rss_file()
+    tensors = {k: v.load() for k, v in sd3mini.open_state_dict(path).items()}
+    assert sum(t.float().sum() for t in tensors.values()).isfinite()  # touch every page
+    assert rss_file() - before < 16 * 2**20        # 128 MiB of tensors read, not mapped
 
 
 def test_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
