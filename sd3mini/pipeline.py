@@ -8,12 +8,9 @@ negative prompt, draw seeded noise on the CPU, sample with CFG, ``process_out``,
 [-1, 1] into 8-bit pixels.
 """
 
-import ctypes
-import gc
 import inspect
 import random
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -23,8 +20,8 @@ from .checks import (ArgumentError, check_choice, check_denoise, check_dtype, ch
                      check_sampling, check_seed, check_slg, needs_uncond, output_size)
 from .checks import check_size  # noqa: F401  (chapter 4 calls sd3mini.pipeline.check_size)
 from .flow import LATENT_SCALE, LATENT_SHIFT, process_in, process_out
-from .loading import (TEXT_ENCODERS, check_text_encoders, load_mmdit, load_text_encoder, load_vae, mmdit_state_dict,
-                      vae_state_dict)
+from .loading import (TEXT_ENCODERS, check_text_encoders, free_memory, load_mmdit, load_text_encoder, load_vae,
+                      mmdit_state_dict, vae_state_dict)
 from .mmdit import MMDiTConfig
 from .sampling import SAMPLERS, integrate, make_noise
 from .sources import diffusers_sources, single_file_sources, tokenizer_for
@@ -321,29 +318,6 @@ class LoadOnCall(OnDisk):
             device = next(module.parameters()).device
             del module
             free_memory(device)
-
-
-def free_memory(device):
-    """After a component is dropped: free it, and give its host memory back."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-    trim = _malloc_trim()
-    if trim is not None:
-        # glibc keeps freed small blocks (CLIP's tensors of a few MB) for reuse, and the
-        # next component's large tensors do not reuse them: after CLIP-G (1.4 GB) 0.5 GB
-        # stayed in the RSS through T5's stage (benchmarks/RESULTS.md). malloc_trim(0)
-        # gives the free pages back.
-        trim(0)
-
-
-@lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (macOS, Windows)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):
-        return None
 
 
 def image_grid(images, cols: int, upscale: int = 1, gap: int = 0, *, canvas=None, first: int = 0):

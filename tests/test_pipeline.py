@@ -251,7 +251,7 @@ def test_detect_model():
 STATUS = Path("/proc/self/status")
 
 
-@pytest.mark.skipif(sd3mini.pipeline._malloc_trim() is None or not STATUS.exists(),
+@pytest.mark.skipif(sd3mini.loading._malloc_trim() is None or not STATUS.exists(),
                     reason="glibc's malloc_trim and Linux's /proc/self/status")
 def test_free_memory_gives_freed_host_memory_back():
     """Memory a dropped component held in small blocks leaves the RSS between stages:
@@ -264,6 +264,6 @@ def test_free_memory_gives_freed_host_memory_back():
     kept = blocks[::20]                     # a few kept: the heap cannot shrink itself
     del blocks
     before = anonymous()
-    sd3mini.pipeline.free_memory("cpu")
+    sd3mini.loading.free_memory("cpu")
     assert before - anonymous() > 100e6                    # of the 190 MB freed
     assert len(kept) == 100
