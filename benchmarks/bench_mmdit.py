@@ -15,13 +15,13 @@ the same process. The last lines printed are a compact table.
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sd3mini
 from sd3mini.convert import mmdit_diffusers_config, mmdit_to_diffusers
+from timing import timings
 
 
 def mmdit_flops(cfg: sd3mini.MMDiTConfig, latent_hw, batch=2, n_ctx=154) -> int:
@@ -54,26 +54,6 @@ def inputs(cfg, latent_hw, batch, n_ctx, device, dtype):
         (lambda *s: torch.randn(*s, generator=g).to(device, dtype))  # noqa: E731
     t = torch.full((batch,), 500.0, device=device) if device != "meta" else torch.empty(batch, device="meta")
     return make(batch, cfg.in_channels, *latent_hw), t, make(batch, cfg.adm_in_channels), make(batch, n_ctx, cfg.context_in_dim)
-
-
-def time_it(fn, warmup, iters, device) -> float:
-    """Median milliseconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def main(argv=None):
@@ -139,8 +119,9 @@ def main(argv=None):
                     hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t)))
         for impl, mode, fn in runs:
             with torch.no_grad():
-                ms = time_it(fn, args.warmup, args.iters, device)
-            rows.append({"impl": impl, "mode": mode, "px": px, "ms": ms, "tflops": flops / ms / 1e9,
+                times = timings(fn, args.warmup, args.iters, device)
+            ms = statistics.median(times)
+            rows.append({"impl": impl, "mode": mode, "px": px, "ms": ms, "min_ms": min(times), "max_ms": max(times), "tflops": flops / ms / 1e9,
                          "mfu": flops / ms / 1e9 / args.peak, "flops_analytic": flops, "flops_counted": counted})
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -17,37 +17,14 @@ printed are a compact table.
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 import sd3mini
 from sd3mini.convert import vae_diffusers_config, vae_to_diffusers
+from timing import timings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def timings(fn, warmup: int, iters: int, device) -> list[float]:
-    """Milliseconds of each of ``iters`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-    return times
 
 
 def diffusers_vae(ours: sd3mini.SDVAE, device, dtype):
