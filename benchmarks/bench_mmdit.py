@@ -119,9 +119,11 @@ def main(argv=None):
                     hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t)))
         for impl, mode, fn in runs:
             with torch.no_grad():
-                times = timings(fn, args.warmup, args.iters, device)
+                first = timings(fn, 0, 1, device)[0]      # compiled: includes the compilation
+                times = timings(fn, max(args.warmup - 1, 0), args.iters, device)
             ms = statistics.median(times)
-            rows.append({"impl": impl, "mode": mode, "px": px, "ms": ms, "min_ms": min(times), "max_ms": max(times), "tflops": flops / ms / 1e9,
+            rows.append({"impl": impl, "mode": mode, "px": px, "ms": ms, "min_ms": min(times),
+                         "max_ms": max(times), "first_call_s": first / 1000, "tflops": flops / ms / 1e9,
                          "mfu": flops / ms / 1e9 / args.peak, "flops_analytic": flops, "flops_counted": counted})
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -131,11 +133,13 @@ def main(argv=None):
         r["ratio_to_diffusers"] = r["ms"] / ref["ms"] if ref else None
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\n{card}, torch {torch.__version__}, {args.model if not args.tiny else 'tiny'}, {str(dtype)[6:]}, batch 2, 154 context tokens")
-    print(f"{'impl':10s} {'mode':8s} {'px':>5s} {'TFLOP':>7s} {'ms':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'vs diffusers':>12s}")
+    print(f"{'impl':10s} {'mode':8s} {'px':>5s} {'TFLOP':>7s} {'ms':>9s} {'min-max ms':>17s} {'first s':>8s} "
+          f"{'TFLOP/s':>8s} {'MFU':>6s} {'vs diffusers':>12s}")
     for r in rows:
         ratio = f"{r['ratio_to_diffusers']:.2f}x" if r["ratio_to_diffusers"] else "-"
+        spread = f"{r['min_ms']:.0f}-{r['max_ms']:.0f}"
         print(f"{r['impl']:10s} {r['mode']:8s} {r['px']:5d} {r['flops_analytic'] / 1e12:7.3f} {r['ms']:9.2f} "
-              f"{r['tflops']:8.1f} {100 * r['mfu']:5.1f}% {ratio:>12s}")
+              f"{spread:>17s} {r['first_call_s']:8.1f} {r['tflops']:8.1f} {100 * r['mfu']:5.1f}% {ratio:>12s}")
     check = {(r["px"]): (r["flops_analytic"], r["flops_counted"]) for r in rows}
     print("FLOPs, analytic vs torch.utils.flop_counter: " +
           ", ".join(f"{px}px {a / 1e12:.4f} / {c / 1e12:.4f} TF" for px, (a, c) in check.items()))

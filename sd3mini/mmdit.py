@@ -167,7 +167,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, T, D); a view, every norm would copy
 
 
 def unpatchify(x: torch.Tensor, hw: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
