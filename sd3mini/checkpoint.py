@@ -179,10 +179,9 @@ def _read(file: Path, begin: int, nbytes: int, shape, dtype: torch.dtype):
 
     Not through a memory map, as safetensors' ``get_tensor`` does: every page of a map
     that a loader touches stays in the process's RSS until the map is closed, after the
-    whole model is read. With maps, ``offload="sequential"`` on the CPU peaked at 20.5
-    GB of RSS while T5-XXL (9.5 GB) was loaded (benchmarks/RESULTS.md), and a load onto
-    a GPU held the whole file in host RSS. A read leaves the file in the page cache,
-    which the kernel reclaims and which is not the process's RSS.
+    whole model is read, so ``offload="sequential"`` held each component twice and a load
+    onto a GPU held the whole file in host RSS (measured: benchmarks/RESULTS.md). A read
+    leaves the file in the page cache, which the kernel reclaims and which is not RSS.
     """
     raw = torch.empty(nbytes, dtype=torch.uint8)
     view = memoryview(raw.numpy()).cast("B")

@@ -254,7 +254,7 @@ def save_single_file(path, *, mmdit=None, vae=None, clip_l=None, clip_g=None, t5
 def free_memory(device):
     """After a component is dropped: free it, and give its host memory back. glibc keeps freed
     small blocks (CLIP's tensors of a few MB) that the next component's large tensors do not
-    reuse: 0.5 GB stayed resident through T5's stage (benchmarks/RESULTS.md)."""
+    reuse, so they stayed resident through T5's stage (benchmarks/RESULTS.md)."""
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
