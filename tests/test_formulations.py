@@ -2,11 +2,13 @@
 
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from sd3mini import formulations as fm
+from sd3mini.book import RESULTS
 from sd3mini.flow import get_sigmas, time_shift
 from sd3mini.sampling import euler_step
 from sd3mini.toy import paper
@@ -130,3 +132,24 @@ def test_experiments_share_the_base_arm_and_match_the_issue():
     base = paper.Arm(seed=1).name()
     assert all(base in n for n in names.values())          # one run serves all three experiments
     assert len(names["formulations"]) == 15 and len(names["scaling"]) == 15 and len(names["backbones"]) == 12
+
+
+def test_summary_pools_the_seeds_of_each_configuration():
+    def arm(formulation, seed, loss, cell):
+        return {"arm": {**asdict(paper.Arm(formulation=formulation, seed=seed))}, "params": 10,
+                "flops_per_image": 20, "val": [{"step": 1, "loss": 9.0}, {"step": 2, "loss": loss}],
+                "judge": {"5": {"singles": {"cell": cell, "n": 60}}}}
+    results = {"arms": [arm("rf/lognorm", 0, 0.2, 1.0), arm("edm", 0, 0.1, 0.5), arm("rf/lognorm", 1, 0.4, 0.5)]}
+    rows = paper.summary(results)
+    assert [(r["formulation"], r["seeds"]) for r in rows] == [("rf/lognorm", [0, 1]), ("edm", [0])]
+    assert rows[0]["val"] == {"mean": pytest.approx(0.3), "min": 0.2, "max": 0.4}
+    assert rows[0]["judge"]["5"]["singles"] == {"cell": {"mean": 0.75, "min": 0.5, "max": 1.0}}
+    assert rows[1]["val"] == {"mean": 0.1, "min": 0.1, "max": 0.1} and rows[0]["params"] == 10
+
+
+def test_summary_reads_the_shipped_formulations():
+    shipped = json.loads((RESULTS / "paper_formulations.json").read_text())
+    rows = paper.summary(shipped)
+    assert {r["formulation"] for r in rows} == set(fm.FORMULATIONS)
+    assert sum(len(r["seeds"]) for r in rows) == len(shipped["arms"])
+    assert all(r["val"]["min"] <= r["val"]["mean"] <= r["val"]["max"] for r in rows)

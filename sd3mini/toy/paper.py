@@ -236,6 +236,32 @@ def collect(name: str, out: Path, seeds=(0, 1, 2), results: Path | None = None) 
     return target
 
 
+def spread(values) -> dict:
+    """mean, min and max of a list of numbers (one per seed)."""
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def summary(results: dict) -> list[dict]:
+    """One row per configuration of a ``collect``ed experiment, its seeds pooled: the final validation
+    loss and every judge score (per step count, caption group and metric) as ``spread``s over the
+    seeds that have finished, in the order the experiment lists its arms."""
+    groups = {}
+    for arm in results["arms"]:
+        config = {k: v for k, v in arm["arm"].items() if k != "seed"}
+        groups.setdefault(json.dumps(config, sort_keys=True), (config, []))[1].append(arm)
+    rows = []
+    for config, arms in groups.values():
+        first = arms[0]["judge"]
+        judged = {steps: {group: {metric: spread([a["judge"][steps][group][metric] for a in arms])
+                                  for metric in scores if metric != "n"}
+                          for group, scores in by_group.items()}
+                  for steps, by_group in first.items()}
+        rows.append({**config, "seeds": [a["arm"]["seed"] for a in arms], "params": arms[0]["params"],
+                     "flops_per_image": arms[0]["flops_per_image"],
+                     "val": spread([a["val"][-1]["loss"] for a in arms]), "judge": judged})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m sd3mini.toy.paper", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
