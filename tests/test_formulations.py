@@ -127,10 +127,13 @@ def test_collect_merges_finished_arms_and_lists_the_missing(tmp_path):
 
 
 def test_experiments_share_the_base_arm_and_match_the_issue():
-    names = {e: [a.name() for a in paper.experiment_arms(e, [0, 1, 2])] for e in ("formulations", "backbones",
-                                                                              "scaling")}
-    base = paper.Arm(seed=1).name()
-    assert all(base in n for n in names.values())          # one run serves all three experiments
+    arms = {e: paper.experiment_arms(e, [0, 1, 2]) for e in ("formulations", "backbones", "scaling")}
+    names = {e: [a.name() for a in group] for e, group in arms.items()}
+    base = paper.Arm(seed=1)
+    assert base.name() in names["formulations"] and base.name() in names["backbones"]   # one run serves both
+    assert all(a.width == 32 * a.heads for a in arms["scaling"])    # 32 channels a head at every depth, so
+    assert base.name() not in names["scaling"]                      # depth 4 is not the base arm (2 heads)
+    assert len({n for group in names.values() for n in group}) == 15 + 12 + 15 - 3   # names never collide
     assert len(names["formulations"]) == 15 and len(names["scaling"]) == 15 and len(names["backbones"]) == 12
 
 

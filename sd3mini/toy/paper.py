@@ -57,7 +57,8 @@ class Arm:
     seed: int = 0                      # of the initial weights and of the batches
 
     def name(self) -> str:
-        return f"{self.formulation.replace('/', '-')}_{self.backbone}_d{self.depth}w{self.width}_seed{self.seed}"
+        return (f"{self.formulation.replace('/', '-')}_{self.backbone}_d{self.depth}w{self.width}h{self.heads}"
+                f"_seed{self.seed}")
 
 
 def short_recipe(arm: Arm) -> Recipe:
@@ -198,7 +199,8 @@ def experiment_arms(name: str, seeds) -> list[Arm]:
 
 def sweep(name: str, seeds, out: Path, steps: int | None = None):
     """Run every arm of an experiment that has no result file yet, one after another. Results live in
-    ``out/arms/`` by arm, so an arm two experiments share (MM-DiT, depth 4, rf/lognorm) runs once."""
+    ``out/arms/`` by arm, so the arm formulations and backbones share (rf/lognorm, MM-DiT, depth 4,
+    2 heads) runs once; scaling's depth 4 has 4 heads (32 channels each, as at every depth) and its own runs."""
     folder = out / "arms"
     folder.mkdir(parents=True, exist_ok=True)
     for arm in experiment_arms(name, seeds):
