@@ -114,6 +114,18 @@ def test_an_experiment_arm_runs_end_to_end():
     assert result["judge"]["5"]["singles"]["n"] == 2 and result["flops_per_image"] > 0
 
 
+def test_noise_levels_retrains_each_formulation_and_draws_its_pictures(tmp_path):
+    from PIL import Image
+    base = paper.Arm(depth=1, width=32, heads=1, steps=4, batch=4)
+    target = paper.noise_levels(base, tmp_path, results=tmp_path)
+    result = json.loads(target.read_text())
+    assert [a["arm"]["formulation"] for a in result["arms"]] == list(fm.FORMULATIONS)
+    assert len(result["levels"]) == paper.VAL_LEVELS + len(paper.HIGH_LEVELS) == len(result["arms"][0]["per_level"])
+    rows, tile, gap = len(result["png"]["rows"]), result["png"]["tile"], result["png"]["gap"]
+    assert Image.open(target.with_suffix(".png")).size == (len(result["captions"]) * (tile + gap), rows * (tile + gap))
+    assert len(list((tmp_path / "models").iterdir())) == len(fm.FORMULATIONS)
+
+
 def test_collect_merges_finished_arms_and_lists_the_missing(tmp_path):
     arms = paper.experiment_arms("formulations", [0])
     (tmp_path / "arms").mkdir()

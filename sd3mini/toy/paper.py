@@ -3,6 +3,7 @@
     python -m sd3mini.toy.paper formulations --seeds 0 1 2     # 5 formulations, same network and budget
     python -m sd3mini.toy.paper backbones --seeds 0 1 2        # MM-DiT vs DiT vs CrossDiT
     python -m sd3mini.toy.paper scaling --seeds 0 1 2          # depth d = 1..5, width 32 d, heads d
+    python -m sd3mini.toy.paper noise-levels --seeds 0         # formulations: high noise, pictures
 
 Every arm is one short training run of the tiny SD3 (the text encoder and data of ``train-toy``), judged
 two ways at the end and along the way:
@@ -153,8 +154,8 @@ def flops_per_image(model: Denoiser) -> int:
     return counter.get_total_flops()
 
 
-def run_arm(arm: Arm, val_every: int = 250, judge_captions: int = 120, progress: bool = False) -> dict:
-    """Train one arm from scratch; returns its validation curve, final judge scores, size and cost."""
+def train_arm(arm: Arm, val_every: int = 250, progress: bool = False) -> tuple[Denoiser, dict]:
+    """Train one arm from scratch: its EMA model, and a log of the validation curve and training loss."""
     r = short_recipe(arm)
     torch.manual_seed(arm.seed)
     model = Denoiser(arm, r)
@@ -163,7 +164,7 @@ def run_arm(arm: Arm, val_every: int = 250, judge_captions: int = 120, progress:
     latent_scale, latent_shift = data_stats()
     val = validation_set(latent_scale, latent_shift)
     draw = lambda n, generator: fm.train_u(arm.formulation, n, generator)  # noqa: E731  (each its own levels)
-    curve, losses, start = [], [], time.time()
+    curve, losses = [], []
     for step in range(r.steps):
         x0, captions, eps, u = training_batch(r, step, 0, latent_scale, latent_shift, draw)
         z = fm.noisy(arm.formulation, x0, eps, u)
@@ -173,13 +174,19 @@ def run_arm(arm: Arm, val_every: int = 250, judge_captions: int = 120, progress:
             curve.append({"step": step + 1, **validation_loss(ema, val)})
             if progress:
                 print(f"{arm.name()} step {step + 1}: val {curve[-1]['loss']:.4f}", flush=True)
-    flops = flops_per_image(model)
-    return {"arm": asdict(arm), "recipe": asdict(r),
-            "params": sum(p.numel() for p in model.net.parameters()),
-            "text_params": sum(p.numel() for p in model.text.parameters()),
-            "flops_per_image": flops, "train_flops_per_step": 3 * flops * r.batch,
-            "train_loss": [round(sum(losses[i:i + 50]) / 50, 5) for i in range(0, len(losses), 50)],
-            "val": curve, "judge": judge_scores(ema, latent_scale, latent_shift, judge_captions),
+    return ema, {"train_loss": [round(sum(losses[i:i + 50]) / 50, 5) for i in range(0, len(losses), 50)], "val": curve}
+
+
+def run_arm(arm: Arm, val_every: int = 250, judge_captions: int = 120, progress: bool = False) -> dict:
+    """Train one arm from scratch; returns its validation curve, final judge scores, size and cost."""
+    start = time.time()
+    ema, log = train_arm(arm, val_every, progress)
+    flops = flops_per_image(ema)
+    return {"arm": asdict(arm), "recipe": asdict(short_recipe(arm)),
+            "params": sum(p.numel() for p in ema.net.parameters()),
+            "text_params": sum(p.numel() for p in ema.text.parameters()),
+            "flops_per_image": flops, "train_flops_per_step": 3 * flops * arm.batch, **log,
+            "judge": judge_scores(ema, *data_stats(), judge_captions),
             "minutes": round((time.time() - start) / 60, 2)}
 
 
@@ -215,6 +222,50 @@ def sweep(name: str, seeds, out: Path, steps: int | None = None):
         tmp.replace(path)
         print(f"{time.strftime('%H:%M:%S')} done in {result['minutes']} min: val {result['val'][-1]['loss']:.4f}",
               flush=True)
+
+
+HIGH_LEVELS = (0.97, 0.99, 0.998)      # above the validation's top level 0.9375: b/a = 32, 99, 499 on rf's path
+SAMPLE_CAPTIONS = ("a large red circle in the top left", "a small blue square in the center",
+                   "a large yellow triangle in the bottom right", "a small green square in the top right",
+                   "a large purple circle in the bottom left", "a small orange triangle in the left")
+
+
+def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Path | None = None) -> Path:
+    """Train each formulation's ``base`` arm again (seed 0: the sweep's very run, with the same seed, batches
+    and thread count, so the same validation loss), then measure what the sweep did not: the error at three noise
+    levels above the validation's, and pictures at 5 and 25 steps (``paper_noise_levels.json`` and
+    ``.png``). The EMA models are kept in ``out/models/``."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    latent_scale, latent_shift = data_stats()
+    x0, captions, eps, levels = validation_set(latent_scale, latent_shift)
+    val = (x0, captions, eps, torch.cat([levels, torch.tensor(HIGH_LEVELS)]))
+    rows, tiles = [], []
+    for name in fm.FORMULATIONS:
+        arm = replace(base, formulation=name)
+        print(f"{time.strftime('%H:%M:%S')} noise levels: {arm.name()}", flush=True)
+        ema, log = train_arm(arm, val_every=arm.steps)
+        save_file(ema.state_dict(), out / "models" / f"{arm.name()}.safetensors")
+        rows.append({"arm": asdict(arm), "val": log["val"][-1]["loss"],            # the sweep's 8 levels
+                     "per_level": validation_loss(ema, val)["per_level"]})         # at all 11 levels
+        for steps in (5, 25):
+            images = process_out(generate(ema, list(SAMPLE_CAPTIONS), steps), latent_scale, latent_shift)
+            tiles.append(((images.clamp(-1, 1) + 1) * 127.5).round().byte())
+    size, gap = data.IMAGE_SIZE, 2
+    grid = torch.full((3, len(tiles) * (size + gap), len(SAMPLE_CAPTIONS) * (size + gap)), 255, dtype=torch.uint8)
+    for i, images in enumerate(tiles):
+        for j, image in enumerate(images):
+            grid[:, i * (size + gap): i * (size + gap) + size, j * (size + gap): j * (size + gap) + size] = image
+    target = (results or RESULTS) / "paper_noise_levels.json"
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(target.with_suffix(".png"))
+    target.write_text(json.dumps({
+        "command": "OMP_NUM_THREADS=1 python -m sd3mini.toy.paper noise-levels --seeds 0",
+        "levels": [round(float(u), 4) for u in val[3]], "arms": rows, "captions": list(SAMPLE_CAPTIONS),
+        "png": {"rows": [[name, steps] for name in fm.FORMULATIONS for steps in (5, 25)], "tile": size,
+                "gap": gap}}, indent=1) + "\n")
+    return target
 
 
 COMMANDS = {name: f"OMP_NUM_THREADS=1 python -m sd3mini.toy.paper {name} --seeds 0 1 2"
@@ -267,7 +318,7 @@ def summary(results: dict) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m sd3mini.toy.paper", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("formulations", "backbones", "scaling"))
+    p.add_argument("experiment", choices=("formulations", "backbones", "scaling", "noise-levels"))
     p.add_argument("--collect", action="store_true", help="merge the finished arms into the package's "
                                                           "results (sd3mini/toy/results/paper_*.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -279,6 +330,9 @@ def main(argv=None):
         print(f"wrote {collect(args.experiment, args.out, args.seeds)}")
         return
     torch.set_num_threads(args.threads)
+    if args.experiment == "noise-levels":
+        print(f"wrote {noise_levels(Arm(seed=args.seeds[0]), args.out)}")
+        return
     sweep(args.experiment, args.seeds, args.out, args.steps)
 
 
