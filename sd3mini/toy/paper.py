@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -235,9 +237,6 @@ def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Pat
     and thread count, so the same validation loss), then measure what the sweep did not: the error at three noise
     levels above the validation's, and pictures at 5 and 25 steps (``paper_noise_levels.json`` and
     ``.png``). The EMA models are kept in ``out/models/``."""
-    from PIL import Image
-    from safetensors.torch import save_file
-
     (out / "models").mkdir(parents=True, exist_ok=True)
     latent_scale, latent_shift = data_stats()
     x0, captions, eps, levels = validation_set(latent_scale, latent_shift)
