@@ -25,60 +25,60 @@ def batch():
 
 @pytest.mark.parametrize("name", fm.FORMULATIONS)
 def test_the_target_read_back_gives_the_clean_image_and_the_noise(name, batch):
-    x0, eps, u = batch
-    z = fm.noisy(name, x0, eps, u)
-    x0_hat, eps_hat = fm.predict_x0_eps(name, fm.target(name, x0, eps, u), z, u)
+    x0, eps, t = batch
+    z = fm.noisy(name, x0, eps, t)
+    x0_hat, eps_hat = fm.predict_x0_eps(name, fm.target(name, x0, eps, t), z, t)
     torch.testing.assert_close(x0_hat, x0, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(eps_hat, eps, atol=2e-5, rtol=1e-5)
-    assert fm.rf_velocity_error(name, fm.target(name, x0, eps, u), z, u, x0, eps).max() < 1e-8
-    assert fm.loss(name, fm.target(name, x0, eps, u), x0, eps, u) < 1e-10
+    assert fm.rf_velocity_error(name, fm.target(name, x0, eps, t), z, t, x0, eps).max() < 1e-8
+    assert fm.loss(name, fm.target(name, x0, eps, t), x0, eps, t) < 1e-10
 
 
 @pytest.mark.parametrize("name", fm.FORMULATIONS)
 def test_every_path_has_the_signal_to_noise_ratio_of_rectified_flow_at_the_same_u(name, batch):
-    _, _, u = batch
-    a, b = fm.path(name, u)
-    torch.testing.assert_close(b / a, u / (1 - u))
+    _, _, t = batch
+    a, b = fm.path(name, t)
+    torch.testing.assert_close(b / a, t / (1 - t))
     if fm.PATHS[name] == "vp":
-        torch.testing.assert_close(a**2 + b**2, torch.ones_like(u))
+        torch.testing.assert_close(a**2 + b**2, torch.ones_like(t))
 
 
 def test_rectified_flow_is_sd3s_own_loss_and_sampler(batch):
-    x0, eps, u = batch
+    x0, eps, t = batch
     v = torch.randn_like(x0)
     sd3_loss = torch.mean((v - (eps - x0)) ** 2)
-    assert torch.equal(fm.loss("rf/lognorm", v, x0, eps, u), sd3_loss)
-    assert torch.equal(fm.sampling_u("rf/uniform", 7, 3.0), get_sigmas(7, 3.0))
-    z = fm.noisy("rf/lognorm", x0, eps, u)
-    for i in range(len(u)):                  # DDIM on the straight path is SD3's Euler step
-        x0_hat, eps_hat = fm.predict_x0_eps("rf/lognorm", v[i:i + 1], z[i:i + 1], u[i:i + 1])
+    assert torch.equal(fm.loss("rf/lognorm", v, x0, eps, t), sd3_loss)
+    assert torch.equal(fm.sampling_t("rf/uniform", 7, 3.0), get_sigmas(7, 3.0))
+    z = fm.noisy("rf/lognorm", x0, eps, t)
+    for i in range(len(t)):                  # DDIM on the straight path is SD3's Euler step
+        x0_hat, eps_hat = fm.predict_x0_eps("rf/lognorm", v[i:i + 1], z[i:i + 1], t[i:i + 1])
         step = fm.ddim_step("rf/lognorm", x0_hat, eps_hat, torch.tensor(0.1))
-        torch.testing.assert_close(step, euler_step(z[i:i + 1], x0_hat, u[i], torch.tensor(0.1)))
+        torch.testing.assert_close(step, euler_step(z[i:i + 1], x0_hat, t[i], torch.tensor(0.1)))
 
 
 @pytest.mark.parametrize("name", fm.FORMULATIONS)
 def test_sampling_schedules_fall_to_zero_and_are_shifted(name):
-    us = fm.sampling_u(name, 10, 3.0)
-    assert len(us) == 11 and us[-1] == 0 and bool((us[:-1] > us[1:]).all())
+    ts = fm.sampling_t(name, 10, 3.0)
+    assert len(ts) == 11 and ts[-1] == 0 and bool((ts[:-1] > ts[1:]).all())
     if name == "eps/linear":                 # LDM's schedule never reaches pure noise (the known flaw)
         ab = fm.ldm_alphas_cumprod()[-1]
         top = float((1 - ab).sqrt() / (ab.sqrt() + (1 - ab).sqrt()))
-        assert us[0] == pytest.approx(float(time_shift(torch.tensor(top), 3.0)), rel=1e-5)
+        assert ts[0] == pytest.approx(float(time_shift(torch.tensor(top), 3.0)), rel=1e-5)
     if name == "edm":
-        assert us[0] == pytest.approx(float(time_shift(torch.tensor(160 / 161), 3.0)), rel=1e-5)
+        assert ts[0] == pytest.approx(float(time_shift(torch.tensor(160 / 161), 3.0)), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", fm.FORMULATIONS)
 def test_training_noise_levels_follow_each_formulation(name):
-    u = fm.train_u(name, 20000, torch.Generator().manual_seed(0))
-    assert bool(((u > 0) & (u < 1)).all())
-    median = float(u.median())
+    t = fm.train_t(name, 20000, torch.Generator().manual_seed(0))
+    assert bool(((t > 0) & (t < 1)).all())
+    median = float(t.median())
     expected = {"rf/lognorm": 0.5, "rf/uniform": 0.5, "v/cos": 0.5,
                 "edm": math.exp(fm.EDM_P_MEAN) / (1 + math.exp(fm.EDM_P_MEAN))}
     if name in expected:
         assert median == pytest.approx(expected[name], abs=0.02)
     with pytest.raises(ValueError, match="unknown formulation 'ddpm'"):
-        fm.train_u("ddpm", 3)
+        fm.train_t("ddpm", 3)
 
 
 @pytest.mark.parametrize("kind,depth", [("mmdit", 4), ("dit", 7), ("crossdit", 5)])

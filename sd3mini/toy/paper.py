@@ -8,9 +8,9 @@
 Every arm is one short training run of the tiny SD3 (the text encoder and data of ``train-toy``), judged
 two ways at the end and along the way:
 
-- **validation loss**: one fixed held-out set of captions, images, noises and noise levels u (8 levels,
+- **validation loss**: one fixed held-out set of captions, images, noises and noise levels t (8 levels,
   evenly spaced), scored for every formulation by rectified flow's velocity error at the same
-  signal-to-noise ratio (``formulations.rf_velocity_error``), averaged over u so that every noise level
+  signal-to-noise ratio (``formulations.rf_velocity_error``), averaged over t so that every noise level
   counts once, whatever the weighting a formulation trained with;
 - **the judge** (``judge.score``) on 120 fixed captions, sampled with the formulation's own sampler at
   5, 10 and 25 steps.
@@ -75,7 +75,7 @@ def short_recipe(arm: Arm) -> Recipe:
 
 
 class Denoiser(nn.Module):
-    """Text encoder + backbone; ``forward(z, u, tokens)`` -> the network's raw output for the formulation."""
+    """Text encoder + backbone; ``forward(z, t, tokens)`` -> the network's raw output for the formulation."""
 
     def __init__(self, arm: Arm, r: Recipe):
         super().__init__()
@@ -84,13 +84,13 @@ class Denoiser(nn.Module):
         config = toy_mmdit_config(arm.width, arm.depth, r.patch, r.text_width, heads=arm.heads)
         self.net = build_backbone(arm.backbone, config)
 
-    def forward(self, z, u, tokens=None, text=None):
+    def forward(self, z, t, tokens=None, text=None):
         context, pooled = text if text is not None else self.text(tokens)
-        return self.net(fm.network_input(self.formulation, z, u), 1000 * u, y=pooled, context=context)
+        return self.net(fm.network_input(self.formulation, z, t), 1000 * t, y=pooled, context=context)
 
 
 def validation_set(latent_scale: float, latent_shift: float, n: int = 128, seed: int = 20261204):
-    """Held-out images, captions and noises (a seed no training batch uses), and the noise levels u."""
+    """Held-out images, captions and noises (a seed no training batch uses), and the noise levels t."""
     images, captions, _ = data.batch(seed, n, p_pair=0.5)
     eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
     levels = (torch.arange(VAL_LEVELS) + 0.5) / VAL_LEVELS
@@ -103,10 +103,10 @@ def validation_loss(model: Denoiser, val) -> dict:
     x0, captions, eps, levels = val
     text = model.text(model.text.tokenize(captions))
     per_level = []
-    for u in levels:
-        u = u.expand(len(x0))
-        z = fm.noisy(model.formulation, x0, eps, u)
-        per_level.append(fm.rf_velocity_error(model.formulation, model(z, u, text=text), z, u, x0, eps).mean())
+    for t in levels:
+        t = t.expand(len(x0))
+        z = fm.noisy(model.formulation, x0, eps, t)
+        per_level.append(fm.rf_velocity_error(model.formulation, model(z, t, text=text), z, t, x0, eps).mean())
     return {"loss": float(torch.stack(per_level).mean()), "per_level": [round(float(v), 5) for v in per_level]}
 
 
@@ -118,16 +118,16 @@ def generate(model: Denoiser, captions: list[str], steps: int, cfg_scale: float 
     cond = model.text(model.text.tokenize(captions))
     uncond = model.text(model.text.tokenize([""] * len(captions)))
     text = tuple(torch.cat([c, n]) for c, n in zip(cond, uncond))
-    us = fm.sampling_u(name, steps, shift)
-    a, b = fm.path(name, us[0])
+    ts = fm.sampling_t(name, steps, shift)
+    a, b = fm.path(name, ts[0])
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(len(captions), 3, data.IMAGE_SIZE, data.IMAGE_SIZE, generator=gen) * torch.sqrt(a**2 + b**2)
-    for u, u_next in zip(us[:-1], us[1:]):
-        uu = u.expand(2 * len(captions))
-        out_c, out_u = model(torch.cat([z, z]), uu, text=text).chunk(2)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        tt = t.expand(2 * len(captions))
+        out_c, out_u = model(torch.cat([z, z]), tt, text=text).chunk(2)
         out = out_u + cfg_scale * (out_c - out_u)        # affine in the output, so the same as guiding x0
-        x0, eps = fm.predict_x0_eps(name, out, z, u.expand(len(captions)))
-        z = fm.ddim_step(name, x0, eps, u_next)
+        x0, eps = fm.predict_x0_eps(name, out, z, t.expand(len(captions)))
+        z = fm.ddim_step(name, x0, eps, t_next)
     return z
 
 
@@ -148,11 +148,11 @@ def judge_scores(model: Denoiser, latent_scale: float, latent_shift: float, n: i
 
 def flops_per_image(model: Denoiser) -> int:
     """Forward FLOPs of the backbone for one image and its caption (matrix products; the counter's)."""
-    z, u = torch.zeros(1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE), torch.full((1,), 0.5)
+    z, t = torch.zeros(1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE), torch.full((1,), 0.5)
     with torch.no_grad():
         text = model.text(model.text.tokenize(["a red circle"]))
         with FlopCounterMode(display=False) as counter:
-            model.net(z, 1000 * u, y=text[1], context=text[0])
+            model.net(z, 1000 * t, y=text[1], context=text[0])
     return counter.get_total_flops()
 
 
@@ -165,12 +165,12 @@ def train_arm(arm: Arm, val_every: int = 250, progress: bool = False) -> tuple[D
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=(0.9, 0.99), weight_decay=r.weight_decay)
     latent_scale, latent_shift = data_stats()
     val = validation_set(latent_scale, latent_shift)
-    draw = lambda n, generator: fm.train_u(arm.formulation, n, generator)  # noqa: E731  (each its own levels)
+    draw = lambda n, generator: fm.train_t(arm.formulation, n, generator)  # noqa: E731  (each its own levels)
     curve, losses = [], []
     for step in range(r.steps):
-        x0, captions, eps, u = training_batch(r, step, 0, latent_scale, latent_shift, draw)
-        z = fm.noisy(arm.formulation, x0, eps, u)
-        loss = fm.loss(arm.formulation, model(z, u, model.text.tokenize(captions)), x0, eps, u)
+        x0, captions, eps, t = training_batch(r, step, 0, latent_scale, latent_shift, draw)
+        z = fm.noisy(arm.formulation, x0, eps, t)
+        loss = fm.loss(arm.formulation, model(z, t, model.text.tokenize(captions)), x0, eps, t)
         losses.append(optimizer_step(model, ema, opt, r, step, loss).item())
         if (step + 1) % val_every == 0:
             curve.append({"step": step + 1, **validation_loss(ema, val)})
@@ -261,7 +261,7 @@ def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Pat
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(target.with_suffix(".png"))
     target.write_text(json.dumps({
         "command": "OMP_NUM_THREADS=1 python -m sd3mini.toy.paper noise-levels --seeds 0",
-        "levels": [round(float(u), 4) for u in val[3]], "arms": rows, "captions": list(SAMPLE_CAPTIONS),
+        "levels": [round(float(t), 4) for t in val[3]], "arms": rows, "captions": list(SAMPLE_CAPTIONS),
         "png": {"rows": [[name, steps] for name in fm.FORMULATIONS for steps in (5, 25)], "tile": size,
                 "gap": gap}}, indent=1) + "\n")
     return target
