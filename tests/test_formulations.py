@@ -124,6 +124,7 @@ def test_noise_levels_retrains_each_formulation_and_draws_its_pictures(tmp_path)
     rows, tile, gap = len(result["png"]["rows"]), result["png"]["tile"], result["png"]["gap"]
     assert Image.open(target.with_suffix(".png")).size == (len(result["captions"]) * (tile + gap), rows * (tile + gap))
     assert len(list((tmp_path / "models").iterdir())) == len(fm.FORMULATIONS)
+    assert all(set(a["few_step_gap"]) == {"5", "10", "25"} for a in result["arms"])
 
 
 def test_collect_merges_finished_arms_and_lists_the_missing(tmp_path):

@@ -232,11 +232,23 @@ SAMPLE_CAPTIONS = ("a large red circle in the top left", "a small blue square in
                    "a large purple circle in the bottom left", "a small orange triangle in the left")
 
 
+def few_step_gap(model: Denoiser, latent_scale: float, latent_shift: float, n: int = 60,
+                 reference_steps: int = 100) -> dict:
+    """How far few-step samples are from where the sampler converges: the root-mean-square pixel
+    difference (pixels in [-1, 1]) between samples at 5, 10 and 25 steps and at ``reference_steps``,
+    from the same noise, on ``n`` fixed captions."""
+    captions = data.eval_captions()[:n]
+    images = {steps: process_out(generate(model, captions, steps), latent_scale, latent_shift).clamp(-1, 1)
+              for steps in (*STEP_COUNTS, reference_steps)}
+    return {str(steps): round(float((images[steps] - images[reference_steps]).pow(2).mean().sqrt()), 5)
+            for steps in STEP_COUNTS}
+
+
 def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Path | None = None) -> Path:
     """Train each formulation's ``base`` arm again (seed 0: the sweep's very run, with the same seed, batches
     and thread count, so the same validation loss), then measure what the sweep did not: the error at three noise
-    levels above the validation's, and pictures at 5 and 25 steps (``paper_noise_levels.json`` and
-    ``.png``). The EMA models are kept in ``out/models/``."""
+    levels above the validation's, how far 5, 10 and 25 sampling steps land from 100 (``few_step_gap``),
+    and pictures at 5 and 25 steps (``paper_noise_levels.json`` and ``.png``). The EMA models are kept in ``out/models/``."""
     (out / "models").mkdir(parents=True, exist_ok=True)
     latent_scale, latent_shift = data_stats()
     x0, captions, eps, levels = validation_set(latent_scale, latent_shift)
@@ -248,7 +260,8 @@ def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Pat
         ema, log = train_arm(arm, val_every=arm.steps)
         save_file(ema.state_dict(), out / "models" / f"{arm.name()}.safetensors")
         rows.append({"arm": asdict(arm), "val": log["val"][-1]["loss"],            # the sweep's 8 levels
-                     "per_level": validation_loss(ema, val)["per_level"]})         # at all 11 levels
+                     "per_level": validation_loss(ema, val)["per_level"],          # at all 11 levels
+                     "few_step_gap": few_step_gap(ema, latent_scale, latent_shift)})
         for steps in (5, 25):
             images = process_out(generate(ema, list(SAMPLE_CAPTIONS), steps), latent_scale, latent_shift)
             tiles.append(((images.clamp(-1, 1) + 1) * 127.5).round().byte())
