@@ -117,7 +117,7 @@ def test_an_experiment_arm_runs_end_to_end():
 def test_noise_levels_retrains_each_formulation_and_draws_its_pictures(tmp_path):
     from PIL import Image
     base = paper.Arm(depth=1, width=32, heads=1, steps=4, batch=4)
-    target = paper.noise_levels(base, tmp_path, results=tmp_path)
+    target = paper.noise_levels(base, tmp_path, results=tmp_path, gap_captions=4)
     result = json.loads(target.read_text())
     assert [a["arm"]["formulation"] for a in result["arms"]] == list(fm.FORMULATIONS)
     assert len(result["levels"]) == paper.VAL_LEVELS + len(paper.HIGH_LEVELS) == len(result["arms"][0]["per_level"])
@@ -125,6 +125,19 @@ def test_noise_levels_retrains_each_formulation_and_draws_its_pictures(tmp_path)
     assert Image.open(target.with_suffix(".png")).size == (len(result["captions"]) * (tile + gap), rows * (tile + gap))
     assert len(list((tmp_path / "models").iterdir())) == len(fm.FORMULATIONS)
     assert all(set(a["few_step_gap"]) == {"5", "10", "25"} for a in result["arms"])
+
+
+def test_sweep_runs_arms_side_by_side_and_skips_finished_ones(tmp_path, monkeypatch):
+    arms = [paper.Arm(formulation=f, depth=1, width=32, heads=1, steps=3, batch=2) for f in ("rf/lognorm", "edm")]
+    monkeypatch.setattr(paper, "experiment_arms", lambda name, seeds: arms)
+    paper.sweep("formulations", [0], tmp_path, workers=2)
+    files = {a.name(): tmp_path / "arms" / f"{a.name()}.json" for a in arms}
+    results = {name: json.loads(path.read_text()) for name, path in files.items()}
+    assert [results[a.name()]["arm"]["formulation"] for a in arms] == ["rf/lognorm", "edm"]
+    assert all([e["step"] for e in r["val"]] == [3] for r in results.values())    # validated at the end
+    stamps = {name: path.stat().st_mtime_ns for name, path in files.items()}
+    paper.sweep("formulations", [0], tmp_path)                                        # nothing left to run
+    assert {name: path.stat().st_mtime_ns for name, path in files.items()} == stamps
 
 
 def test_collect_merges_finished_arms_and_lists_the_missing(tmp_path):

@@ -16,14 +16,17 @@ two ways at the end and along the way:
   5, 10 and 25 steps.
 
 Each arm writes ``OUT/arms/<arm>.json`` when it ends and is skipped when that file exists,
-so a sweep that is stopped continues where it was; ``--collect`` merges the files into the package's
+so a sweep that is stopped continues where it was; ``--workers 2`` runs two arms at once, each on one
+thread (on two cores, half the wall time and the same numbers); ``--collect`` merges the files into the package's
 results (``sd3mini/toy/results/paper_<experiment>.json``).
 """
 
 import argparse
 import copy
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -172,7 +175,7 @@ def train_arm(arm: Arm, val_every: int = 250, progress: bool = False) -> tuple[D
         z = fm.noisy(arm.formulation, x0, eps, t)
         loss = fm.loss(arm.formulation, model(z, t, model.text.tokenize(captions)), x0, eps, t)
         losses.append(optimizer_step(model, ema, opt, r, step, loss).item())
-        if (step + 1) % val_every == 0:
+        if (step + 1) % val_every == 0 or step + 1 == r.steps:
             curve.append({"step": step + 1, **validation_loss(ema, val)})
             if progress:
                 print(f"{arm.name()} step {step + 1}: val {curve[-1]['loss']:.4f}", flush=True)
@@ -206,24 +209,36 @@ def experiment_arms(name: str, seeds) -> list[Arm]:
     raise ValueError(f"unknown experiment {name!r}")
 
 
-def sweep(name: str, seeds, out: Path, steps: int | None = None):
-    """Run every arm of an experiment that has no result file yet, one after another. Results live in
-    ``out/arms/`` by arm, so the arm formulations and backbones share (rf/lognorm, MM-DiT, depth 4,
-    2 heads) runs once; scaling's depth 4 has 4 heads (32 channels each, as at every depth) and its own runs."""
+def run_and_save(arm: Arm, path: Path, threads: int = 1):
+    """One arm, written to ``path`` when it ends (through a temporary file, so a stopped run leaves none)."""
+    torch.set_num_threads(threads)
+    print(f"{time.strftime('%H:%M:%S')} {arm.name()}", flush=True)
+    result = run_arm(arm, progress=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+    print(f"{time.strftime('%H:%M:%S')} {arm.name()} done in {result['minutes']} min: "
+          f"val {result['val'][-1]['loss']:.4f}", flush=True)
+
+
+def sweep(name: str, seeds, out: Path, steps: int | None = None, workers: int = 1):
+    """Run every arm of an experiment that has no result file yet, ``workers`` at a time (each on one
+    thread, so a run gives the same numbers alone or beside another). Results live in ``out/arms/`` by
+    arm, so the arm formulations and backbones share (rf/lognorm, MM-DiT, depth 4, 2 heads) runs once;
+    scaling's depth 4 has 4 heads (32 channels each, as at every depth) and its own runs."""
     folder = out / "arms"
     folder.mkdir(parents=True, exist_ok=True)
-    for arm in experiment_arms(name, seeds):
-        arm = replace(arm, steps=steps) if steps else arm
-        path = folder / f"{arm.name()}.json"
-        if path.exists():
-            continue
-        print(f"{time.strftime('%H:%M:%S')} {name}: {arm.name()}", flush=True)
-        result = run_arm(arm, progress=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result))
-        tmp.replace(path)
-        print(f"{time.strftime('%H:%M:%S')} done in {result['minutes']} min: val {result['val'][-1]['loss']:.4f}",
-              flush=True)
+    arms = [replace(arm, steps=steps) if steps else arm for arm in experiment_arms(name, seeds)]
+    todo = [(arm, folder / f"{arm.name()}.json") for arm in arms if not (folder / f"{arm.name()}.json").exists()]
+    print(f"{time.strftime('%H:%M:%S')} {name}: {len(todo)} of {len(arms)} arms to run, {workers} at a time",
+          flush=True)
+    if workers == 1:
+        for arm, path in todo:
+            run_and_save(arm, path)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for job in as_completed([pool.submit(run_and_save, arm, path) for arm, path in todo]):
+            job.result()
 
 
 HIGH_LEVELS = (0.97, 0.99, 0.998)      # above the validation's top level 0.9375: b/a = 32, 99, 499 on rf's path
@@ -244,11 +259,13 @@ def few_step_gap(model: Denoiser, latent_scale: float, latent_shift: float, n: i
             for steps in STEP_COUNTS}
 
 
-def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Path | None = None) -> Path:
-    """Train each formulation's ``base`` arm again (seed 0: the sweep's very run, with the same seed, batches
-    and thread count, so the same validation loss), then measure what the sweep did not: the error at three noise
-    levels above the validation's, how far 5, 10 and 25 sampling steps land from 100 (``few_step_gap``),
-    and pictures at 5 and 25 steps (``paper_noise_levels.json`` and ``.png``). The EMA models are kept in ``out/models/``."""
+def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Path | None = None,
+                 gap_captions: int = 60) -> Path:
+    """Train each formulation's ``base`` arm again (seed 0: the sweep's very run, with the same seed,
+    batches and thread count, so the same validation loss), then measure what the sweep did not: the
+    error at three noise levels above the validation's, how far 5, 10 and 25 sampling steps land from
+    100 (``few_step_gap``), and pictures at 5 and 25 steps (``paper_noise_levels.json`` and ``.png``).
+    The EMA models are kept in ``out/models/``."""
     (out / "models").mkdir(parents=True, exist_ok=True)
     latent_scale, latent_shift = data_stats()
     x0, captions, eps, levels = validation_set(latent_scale, latent_shift)
@@ -257,11 +274,11 @@ def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Pat
     for name in fm.FORMULATIONS:
         arm = replace(base, formulation=name)
         print(f"{time.strftime('%H:%M:%S')} noise levels: {arm.name()}", flush=True)
-        ema, log = train_arm(arm, val_every=arm.steps)
+        ema, log = train_arm(arm, val_every=arm.steps)          # validated once, at the end
         save_file(ema.state_dict(), out / "models" / f"{arm.name()}.safetensors")
         rows.append({"arm": asdict(arm), "val": log["val"][-1]["loss"],            # the sweep's 8 levels
                      "per_level": validation_loss(ema, val)["per_level"],          # at all 11 levels
-                     "few_step_gap": few_step_gap(ema, latent_scale, latent_shift)})
+                     "few_step_gap": few_step_gap(ema, latent_scale, latent_shift, gap_captions)})
         for steps in (5, 25):
             images = process_out(generate(ema, list(SAMPLE_CAPTIONS), steps), latent_scale, latent_shift)
             tiles.append(((images.clamp(-1, 1) + 1) * 127.5).round().byte())
@@ -336,7 +353,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=Path("runs/paper"))
     p.add_argument("--steps", type=int, help="shorter runs (tests)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="threads of noise-levels (a sweep's arms use one each)")
+    p.add_argument("--workers", type=int, default=1, help="arms run at once (2 on a 2-core machine)")
     args = p.parse_args(argv)
     if args.collect:
         print(f"wrote {collect(args.experiment, args.out, args.seeds)}")
@@ -345,7 +363,7 @@ def main(argv=None):
     if args.experiment == "noise-levels":
         print(f"wrote {noise_levels(Arm(seed=args.seeds[0]), args.out)}")
         return
-    sweep(args.experiment, args.seeds, args.out, args.steps)
+    sweep(args.experiment, args.seeds, args.out, args.steps, args.workers)
 
 
 if __name__ == "__main__":
