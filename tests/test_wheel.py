@@ -93,7 +93,8 @@ def reads_results(source: str) -> bool:
     return "load_json(" in source or "data_path(" in source
 
 
-@pytest.mark.parametrize("notebook", ["15_training.ipynb", "16_training_experiments.ipynb"])
+@pytest.mark.parametrize("notebook", ["15_training.ipynb", "16_paper_at_toy_scale.ipynb",
+                                      "17_training_experiments.ipynb"])
 def test_chapters_read_their_results_from_the_wheel(installed, notebook):
     """The setup cell, then every cell from the first that reads a results file to the end (chapter 15's
     live training loop before it is left out: it reads nothing)."""
@@ -102,7 +103,7 @@ def test_chapters_read_their_results_from_the_wheel(installed, notebook):
         return i == 0 or i >= first
 
     script = code_cells(notebook, keep)
-    assert script.count("load_json(") >= 2, f"{notebook} no longer reads its results through sd3mini.book"
+    assert script.count("load_json(") >= 1, f"{notebook} no longer reads its results through sd3mini.book"
     out = run_script(installed, script + "print('all cells ran')\n")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "all cells ran" in out.stdout

@@ -14,7 +14,7 @@ It is validated against ground-truth renders in the tests (>= 98% agreement requ
 
 Known bias on *generated* images: a small square with soft edges can fill a little under 0.9 of its box and
 is then read as a circle, so the judge under-reports squares and its accuracies are conservative (measured
-in benchmarks/RESULTS.md; chapter 16 shows a case).
+in benchmarks/RESULTS.md; chapter 17 shows a case).
 """
 
 import numpy as np
