@@ -138,6 +138,14 @@ def test_sweep_runs_arms_side_by_side_and_skips_finished_ones(tmp_path, monkeypa
     stamps = {name: path.stat().st_mtime_ns for name, path in files.items()}
     paper.sweep("formulations", [0], tmp_path)                                        # nothing left to run
     assert {name: path.stat().st_mtime_ns for name, path in files.items()} == stamps
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                    # as each worker runs, and as the CLI does
+    try:
+        paper.sweep("formulations", [0], tmp_path / "alone")                         # one at a time
+    finally:
+        torch.set_num_threads(threads)
+    alone = {a.name(): json.loads((tmp_path / "alone" / "arms" / f"{a.name()}.json").read_text()) for a in arms}
+    assert all(alone[n]["val"] == results[n]["val"] and alone[n]["judge"] == results[n]["judge"] for n in alone)
 
 
 def test_collect_merges_finished_arms_and_lists_the_missing(tmp_path):

@@ -209,9 +209,8 @@ def experiment_arms(name: str, seeds) -> list[Arm]:
     raise ValueError(f"unknown experiment {name!r}")
 
 
-def run_and_save(arm: Arm, path: Path, threads: int = 1):
+def run_and_save(arm: Arm, path: Path):
     """One arm, written to ``path`` when it ends (through a temporary file, so a stopped run leaves none)."""
-    torch.set_num_threads(threads)
     print(f"{time.strftime('%H:%M:%S')} {arm.name()}", flush=True)
     result = run_arm(arm, progress=True)
     tmp = path.with_suffix(".tmp")
@@ -236,7 +235,8 @@ def sweep(name: str, seeds, out: Path, steps: int | None = None, workers: int = 
         for arm, path in todo:
             run_and_save(arm, path)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
         for job in as_completed([pool.submit(run_and_save, arm, path) for arm, path in todo]):
             job.result()
 
