@@ -122,7 +122,8 @@ def test_noise_levels_retrains_each_formulation_and_draws_its_pictures(tmp_path)
     assert [a["arm"]["formulation"] for a in result["arms"]] == list(fm.FORMULATIONS)
     assert len(result["levels"]) == paper.VAL_LEVELS + len(paper.HIGH_LEVELS) == len(result["arms"][0]["per_level"])
     rows, tile, gap = len(result["png"]["rows"]), result["png"]["tile"], result["png"]["gap"]
-    assert Image.open(target.with_suffix(".png")).size == (len(result["captions"]) * (tile + gap), rows * (tile + gap))
+    side = lambda n: n * tile + (n - 1) * gap  # noqa: E731
+    assert Image.open(target.with_suffix(".png")).size == (side(len(result["captions"])), side(rows))
     assert len(list((tmp_path / "models").iterdir())) == len(fm.FORMULATIONS)
     assert all(set(a["few_step_gap"]) == {"5", "10", "25"} for a in result["arms"])
 

@@ -39,6 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from .. import formulations as fm
 from ..book import RESULTS
 from ..flow import process_in, process_out
+from ..pipeline import image_grid
+from ..vae import tensor_to_images
 from . import data, judge
 from .backbones import build_backbone
 from .data import data_stats, training_batch
@@ -259,6 +261,17 @@ def few_step_gap(model: Denoiser, latent_scale: float, latent_shift: float, n: i
             for steps in STEP_COUNTS}
 
 
+PICTURE_STEPS = (5, 25)
+
+
+def pictures(models: dict, latent_scale: float, latent_shift: float) -> Image.Image:
+    """One picture: a row per (formulation, steps) in ``models``' order and ``PICTURE_STEPS``, a column per
+    ``SAMPLE_CAPTIONS``, each sampled from the same noise with the formulation's own sampler."""
+    tiles = [image for model in models.values() for steps in PICTURE_STEPS for image in tensor_to_images(
+        process_out(generate(model, list(SAMPLE_CAPTIONS), steps), latent_scale, latent_shift))]
+    return image_grid(tiles, cols=len(SAMPLE_CAPTIONS), gap=2)
+
+
 def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Path | None = None,
                  gap_captions: int = 60) -> Path:
     """Train each formulation's ``base`` arm again (seed 0: the sweep's very run, with the same seed,
@@ -270,30 +283,22 @@ def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Pat
     latent_scale, latent_shift = data_stats()
     x0, captions, eps, levels = validation_set(latent_scale, latent_shift)
     val = (x0, captions, eps, torch.cat([levels, torch.tensor(HIGH_LEVELS)]))
-    rows, tiles = [], []
+    rows, models = [], {}
     for name in fm.FORMULATIONS:
         arm = replace(base, formulation=name)
         print(f"{time.strftime('%H:%M:%S')} noise levels: {arm.name()}", flush=True)
-        ema, log = train_arm(arm, val_every=arm.steps)          # validated once, at the end
-        save_file(ema.state_dict(), out / "models" / f"{arm.name()}.safetensors")
+        models[name], log = train_arm(arm, val_every=arm.steps)          # validated once, at the end
+        save_file(models[name].state_dict(), out / "models" / f"{arm.name()}.safetensors")
         rows.append({"arm": asdict(arm), "val": log["val"][-1]["loss"],            # the sweep's 8 levels
-                     "per_level": validation_loss(ema, val)["per_level"],          # at all 11 levels
-                     "few_step_gap": few_step_gap(ema, latent_scale, latent_shift, gap_captions)})
-        for steps in (5, 25):
-            images = process_out(generate(ema, list(SAMPLE_CAPTIONS), steps), latent_scale, latent_shift)
-            tiles.append(((images.clamp(-1, 1) + 1) * 127.5).round().byte())
-    size, gap = data.IMAGE_SIZE, 2
-    grid = torch.full((3, len(tiles) * (size + gap), len(SAMPLE_CAPTIONS) * (size + gap)), 255, dtype=torch.uint8)
-    for i, images in enumerate(tiles):
-        for j, image in enumerate(images):
-            grid[:, i * (size + gap): i * (size + gap) + size, j * (size + gap): j * (size + gap) + size] = image
+                     "per_level": validation_loss(models[name], val)["per_level"],  # at all 11 levels
+                     "few_step_gap": few_step_gap(models[name], latent_scale, latent_shift, gap_captions)})
     target = (results or RESULTS) / "paper_noise_levels.json"
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(target.with_suffix(".png"))
+    pictures(models, latent_scale, latent_shift).save(target.with_suffix(".png"))
     target.write_text(json.dumps({
         "command": "OMP_NUM_THREADS=1 python -m sd3mini.toy.paper noise-levels --seeds 0",
         "levels": [round(float(t), 4) for t in val[3]], "arms": rows, "captions": list(SAMPLE_CAPTIONS),
-        "png": {"rows": [[name, steps] for name in fm.FORMULATIONS for steps in (5, 25)], "tile": size,
-                "gap": gap}}, indent=1) + "\n")
+        "png": {"rows": [[name, steps] for name in fm.FORMULATIONS for steps in PICTURE_STEPS],
+                "tile": data.IMAGE_SIZE, "gap": 2}}, indent=1) + "\n")
     return target
 
 
