@@ -19,13 +19,14 @@ so that every formulation places its noise levels on one axis, the network hears
     rf/lognorm    (1 - t, t)          rf        t = sigmoid(N(0, 1))           v = eps - x0
     rf/uniform    (1 - t, t)          rf        t ~ U(0, 1)                    v = eps - x0
     eps/linear    (sqrt(ab), sqrt(1 - ab)) vp   LDM's 1000 discrete steps      eps
-    v/cos         (cos(pi r/2), sin(pi r/2)) vp r ~ U(0, 1)                    v = a eps - b x0
+    v/cos         (cos(pi r/2), sin(pi r/2)) vp r ~ U(0, 1)                    psi = a eps - b x0
     edm           (1, sigma)          ve        ln sigma ~ N(-1.2 + ln 2, 1.2^2) F (EDM's preconditioning)
 
 ``ab`` is LDM's alpha-bar: betas evenly spaced in sqrt from 0.00085 to 0.012 ("scaled linear").
 EDM's numbers (P_mean -1.2, P_std 1.2, sigma from 0.002 to 80) are for data of standard deviation
 sigma_data = 0.5; the toy's data have unit variance, so every sigma is doubled (ln 2 added). EDM's
 sigma is the noise-to-signal ratio b/a (``flow.py``'s sigma is the noise level t).
+(psi is v-prediction's target, which its authors call v; the book keeps v for the velocity eps - x0.)
 Each loss is the plain mean squared error of the network's output against its own target, which is
 that formulation's weighting of the common eps-loss (EDM's lambda(sigma) is folded into F's target).
 """

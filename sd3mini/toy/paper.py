@@ -230,7 +230,8 @@ def sweep(name: str, seeds, out: Path, steps: int | None = None, workers: int = 
     folder = out / "arms"
     folder.mkdir(parents=True, exist_ok=True)
     arms = [replace(arm, steps=steps) if steps else arm for arm in experiment_arms(name, seeds)]
-    todo = [(arm, folder / f"{arm.name()}.json") for arm in arms if not (folder / f"{arm.name()}.json").exists()]
+    paths = [(arm, folder / f"{arm.name()}.json") for arm in arms]
+    todo = [(arm, path) for arm, path in paths if not path.exists()]
     print(f"{time.strftime('%H:%M:%S')} {name}: {len(todo)} of {len(arms)} arms to run, {workers} at a time",
           flush=True)
     if workers == 1:
@@ -262,6 +263,7 @@ def few_step_gap(model: Denoiser, latent_scale: float, latent_shift: float, n: i
 
 
 PICTURE_STEPS = (5, 25)
+PICTURE_GAP = 2                        # white pixels between the pictures' tiles
 
 
 def pictures(models: dict, latent_scale: float, latent_shift: float) -> Image.Image:
@@ -269,7 +271,7 @@ def pictures(models: dict, latent_scale: float, latent_shift: float) -> Image.Im
     ``SAMPLE_CAPTIONS``, each sampled from the same noise with the formulation's own sampler."""
     tiles = [image for model in models.values() for steps in PICTURE_STEPS for image in tensor_to_images(
         process_out(generate(model, list(SAMPLE_CAPTIONS), steps), latent_scale, latent_shift))]
-    return image_grid(tiles, cols=len(SAMPLE_CAPTIONS), gap=2)
+    return image_grid(tiles, cols=len(SAMPLE_CAPTIONS), gap=PICTURE_GAP)
 
 
 def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Path | None = None,
@@ -298,7 +300,7 @@ def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Pat
         "command": "OMP_NUM_THREADS=1 python -m sd3mini.toy.paper noise-levels --seeds 0",
         "levels": [round(float(t), 4) for t in val[3]], "arms": rows, "captions": list(SAMPLE_CAPTIONS),
         "png": {"rows": [[name, steps] for name in fm.FORMULATIONS for steps in PICTURE_STEPS],
-                "tile": data.IMAGE_SIZE, "gap": 2}}, indent=1) + "\n")
+                "tile": data.IMAGE_SIZE, "gap": PICTURE_GAP}}, indent=1) + "\n")
     return target
 
 
