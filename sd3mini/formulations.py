@@ -180,3 +180,17 @@ def ddim_step(name: str, x0_hat: torch.Tensor, eps_hat: torch.Tensor, t_next: to
         return x0_hat
     a, b = path(name, t_next)
     return a * x0_hat + b * eps_hat
+
+
+def heun_step(name: str, x0_hat: torch.Tensor, eps_hat: torch.Tensor, eps_hat_next: torch.Tensor,
+              t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """EDM's own sampler (Karras et al. 2022, Algorithm 1): Heun's second-order step of the ODE
+    dx/dsigma = eps_hat in x = z / a, sigma = b / a. ``ddim_step`` is its Euler step; this one averages
+    that slope with ``eps_hat_next``, predicted at the point the Euler step reached (t_next > 0).
+    Written as a ``ddim_step`` from (x0_hat + sigma (eps_hat - eps_hat_next) / 2, the mean slope); for
+    the ve path only (on the others sigma is infinite at the samplers' first level, t = 1)."""
+    if PATHS[check_formulation(name)] != "ve":
+        raise ValueError(f"Heun's step is EDM's sampler; {name!r} samples with ddim_step")
+    a, b = path(name, t)
+    slope = (eps_hat + eps_hat_next) / 2
+    return ddim_step(name, x0_hat + b / a * (eps_hat - eps_hat_next) / 2, slope, t_next)

@@ -4,6 +4,7 @@
     python -m sd3mini.toy.paper backbones --seeds 0 1 2        # MM-DiT vs DiT vs CrossDiT
     python -m sd3mini.toy.paper scaling --seeds 0 1 2          # depth d = 1..5, width 32 d, heads d
     python -m sd3mini.toy.paper noise-levels --seeds 0         # formulations: high noise, pictures
+    python -m sd3mini.toy.paper edm-sampler --seeds 0          # EDM with Heun's steps (after noise-levels)
 
 Every arm is one short training run of the tiny SD3 (the text encoder and data of ``train-toy``), judged
 two ways at the end and along the way:
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -117,31 +118,39 @@ def validation_loss(model: Denoiser, val) -> dict:
 
 @torch.no_grad()
 def generate(model: Denoiser, captions: list[str], steps: int, cfg_scale: float = 2.0, seed: int = 0,
-             shift: float = 3.0) -> torch.Tensor:
-    """Images (B, 3, 32, 32) in model space with the formulation's own sampler and classifier-free guidance."""
+             shift: float = 3.0, heun: bool = False) -> torch.Tensor:
+    """Images (B, 3, 32, 32) in model space with the formulation's own sampler and classifier-free guidance;
+    ``heun``: EDM's second-order steps (``formulations.heun_step``, 2 steps - 1 network calls) for edm."""
     name = model.formulation
     cond = model.text(model.text.tokenize(captions))
     uncond = model.text(model.text.tokenize([""] * len(captions)))
     text = tuple(torch.cat([c, n]) for c, n in zip(cond, uncond))
+
+    def predict(z, t):                                  # (x0_hat, eps_hat) with guidance
+        out_c, out_u = model(torch.cat([z, z]), t.expand(2 * len(captions)), text=text).chunk(2)
+        out = out_u + cfg_scale * (out_c - out_u)        # affine in the output, so the same as guiding x0
+        return fm.predict_x0_eps(name, out, z, t.expand(len(captions)))
+
     ts = fm.sampling_t(name, steps, shift)
     a, b = fm.path(name, ts[0])
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(len(captions), 3, data.IMAGE_SIZE, data.IMAGE_SIZE, generator=gen) * torch.sqrt(a**2 + b**2)
     for t, t_next in zip(ts[:-1], ts[1:]):
-        tt = t.expand(2 * len(captions))
-        out_c, out_u = model(torch.cat([z, z]), tt, text=text).chunk(2)
-        out = out_u + cfg_scale * (out_c - out_u)        # affine in the output, so the same as guiding x0
-        x0, eps = fm.predict_x0_eps(name, out, z, t.expand(len(captions)))
-        z = fm.ddim_step(name, x0, eps, t_next)
+        x0, eps = predict(z, t)
+        z_next = fm.ddim_step(name, x0, eps, t_next)
+        if heun and float(t_next) > 0:                  # the last step, to t = 0, stays Euler's (EDM's too)
+            z_next = fm.heun_step(name, x0, eps, predict(z_next, t_next)[1], t, t_next)
+        z = z_next
     return z
 
 
-def judge_scores(model: Denoiser, latent_scale: float, latent_shift: float, n: int = 120) -> dict:
+def judge_scores(model: Denoiser, latent_scale: float, latent_shift: float, n: int = 120,
+                 heun: bool = False) -> dict:
     """{steps: {"singles": score, "pairs": score, "held_out_pairs": score}} on fixed captions."""
     captions = data.eval_captions()[: n // 2] + data.eval_captions()[150: 150 + n // 2]
     result = {}
     for steps in STEP_COUNTS:
-        images = process_out(generate(model, captions, steps), latent_scale, latent_shift)   # pixels in [-1, 1]
+        images = process_out(generate(model, captions, steps, heun=heun), latent_scale, latent_shift)  # [-1, 1]
         groups = {"singles": captions[: n // 2],
                   "pairs": [c for c in captions[n // 2:] if not data.uses_held_out(c)],
                   "held_out_pairs": [c for c in captions[n // 2:] if data.uses_held_out(c)]}
@@ -304,6 +313,28 @@ def noise_levels(base: Arm = Arm(), out: Path = Path("runs/paper"), results: Pat
     return target
 
 
+def edm_sampler(base: Arm = Arm(formulation="edm"), out: Path = Path("runs/paper"), results: Path | None = None,
+                judge_captions: int = 120) -> Path:
+    """EDM judged with its own sampler, Heun's steps, beside the Euler steps the sweep took
+    (``paper_edm_sampler.json``): the model noise-levels kept in ``out/models/`` (seed 0), on the
+    judge's captions and noises, so the Euler scores are the sweep's for that model."""
+    weights = out / "models" / f"{base.name()}.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} not found: noise-levels trains and keeps it "
+                                f"(python -m sd3mini.toy.paper noise-levels --seeds {base.seed})")
+    model = Denoiser(base, short_recipe(base))
+    model.load_state_dict(load_file(weights))
+    stats = data_stats()
+    target = (results or RESULTS) / "paper_edm_sampler.json"
+    target.write_text(json.dumps({
+        "command": f"OMP_NUM_THREADS=1 python -m sd3mini.toy.paper edm-sampler --seeds {base.seed}",
+        "arm": asdict(base), "network_calls": {"euler": {str(s): s for s in STEP_COUNTS},
+                                               "heun": {str(s): 2 * s - 1 for s in STEP_COUNTS}},
+        "euler": judge_scores(model, *stats, judge_captions),
+        "heun": judge_scores(model, *stats, judge_captions, heun=True)}, indent=1) + "\n")
+    return target
+
+
 COMMANDS = {name: f"OMP_NUM_THREADS=1 python -m sd3mini.toy.paper {name} --seeds 0 1 2"
             for name in ("formulations", "backbones", "scaling")}
 
@@ -330,16 +361,22 @@ def spread(values) -> dict:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
 
 
-def summary(results: dict) -> list[dict]:
-    """One row per configuration of a ``collect``ed experiment, its seeds pooled: the final validation
-    loss and every judge score (per step count, caption group and metric) as ``spread``s over the
-    seeds that have finished, in the order the experiment lists its arms."""
+def configurations(results: dict) -> list[tuple[dict, list[dict]]]:
+    """A ``collect``ed experiment's arms grouped by configuration (the arm less its seed), in the order
+    the experiment lists them: [(configuration, [its arms, one per seed])]."""
     groups = {}
     for arm in results["arms"]:
         config = {k: v for k, v in arm["arm"].items() if k != "seed"}
         groups.setdefault(json.dumps(config, sort_keys=True), (config, []))[1].append(arm)
+    return list(groups.values())
+
+
+def summary(results: dict) -> list[dict]:
+    """One row per configuration of a ``collect``ed experiment, its seeds pooled: the final validation
+    loss and every judge score (per step count, caption group and metric) as ``spread``s over the
+    seeds that have finished, in the order the experiment lists its arms."""
     rows = []
-    for config, arms in groups.values():
+    for config, arms in configurations(results):
         first = arms[0]["judge"]
         judged = {steps: {group: {metric: spread([a["judge"][steps][group][metric] for a in arms])
                                   for metric in scores if metric != "n"}
@@ -351,10 +388,41 @@ def summary(results: dict) -> list[dict]:
     return rows
 
 
+def compute_curves(results: dict) -> list[dict]:
+    """One curve per configuration: the validation loss at each validation step (a ``spread`` over the
+    seeds) against the training compute spent so far, ``train_flops_per_step`` x step (the forward pass
+    and the backward, twice its cost, per image, times the batch), as the paper's scaling figures count it."""
+    curves = []
+    for config, arms in configurations(results):
+        steps = [e["step"] for e in arms[0]["val"]]
+        curves.append({**config, "steps": steps, "flops": [arms[0]["train_flops_per_step"] * s for s in steps],
+                       "loss": [spread([a["val"][i]["loss"] for a in arms]) for i in range(len(steps))]})
+    return curves
+
+
+def frontier(curves: list[dict]) -> list[dict]:
+    """The compute-optimal frontier of ``compute_curves``: the points no configuration beats (in mean
+    loss) with as much compute or less, in order of compute, each with the index of its curve."""
+    points = sorted((c, loss["mean"], i) for i, curve in enumerate(curves)
+                    for c, loss in zip(curve["flops"], curve["loss"]))
+    best = []
+    for c, loss, i in points:
+        if not best or loss < best[-1]["loss"]:
+            best.append({"flops": c, "loss": loss, "curve": i})
+    return best
+
+
+def power_law(compute, loss) -> dict:
+    """The least-squares line through (log compute, log loss): loss ~ k * compute ** slope."""
+    x, y = (torch.tensor(v, dtype=torch.float64).log() for v in (compute, loss))
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).pow(2).sum())
+    return {"k": float((y.mean() - slope * x.mean()).exp()), "slope": slope}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m sd3mini.toy.paper", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("formulations", "backbones", "scaling", "noise-levels"))
+    p.add_argument("experiment", choices=("formulations", "backbones", "scaling", "noise-levels", "edm-sampler"))
     p.add_argument("--collect", action="store_true", help="merge the finished arms into the package's "
                                                           "results (sd3mini/toy/results/paper_*.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -369,6 +437,9 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.experiment == "noise-levels":
         print(f"wrote {noise_levels(Arm(seed=args.seeds[0]), args.out)}")
+        return
+    if args.experiment == "edm-sampler":
+        print(f"wrote {edm_sampler(Arm(formulation='edm', seed=args.seeds[0]), args.out)}")
         return
     sweep(args.experiment, args.seeds, args.out, args.steps, args.workers)
 
