@@ -391,7 +391,7 @@ def summary(results: dict) -> list[dict]:
 def compute_curves(results: dict) -> list[dict]:
     """One curve per configuration: the validation loss at each validation step (a ``spread`` over the
     seeds) against the training compute spent so far, ``train_flops_per_step`` x step (the forward pass
-    and the backward, twice its cost, per image, times the batch), as the paper's scaling figures count it."""
+    and the backward, twice its cost, per image, times the batch)."""
     curves = []
     for config, arms in configurations(results):
         steps = [e["step"] for e in arms[0]["val"]]
