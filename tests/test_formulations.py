@@ -226,6 +226,24 @@ def test_summary_reads_the_shipped_formulations():
     assert all(r["val"]["min"] <= r["val"]["mean"] <= r["val"]["max"] for r in rows)
 
 
+@pytest.mark.parametrize("name", ["formulations", "backbones", "scaling"])
+def test_each_shipped_experiment_is_complete_and_is_the_models_its_arms_name(name):
+    shipped = json.loads((RESULTS / f"paper_{name}.json").read_text())
+    arms = paper.experiment_arms(name, [0, 1, 2])
+    assert shipped["missing"] == [] and [a["arm"] for a in shipped["arms"]] == [asdict(a) for a in arms]
+    for arm, result in zip(arms, shipped["arms"]):      # the sizes the chapter prints are the arm's model
+        if arm.seed == 0:
+            torch.manual_seed(0)
+            model = paper.Denoiser(arm, paper.short_recipe(arm))
+            assert result["params"] == sum(p.numel() for p in model.net.parameters())
+            assert result["flops_per_image"] == paper.flops_per_image(model)
+        assert [e["step"] for e in result["val"]] == list(range(250, 2001, 250))
+    if name == "backbones":      # MM-DiT d4 is the formulations' rf/lognorm arm, run once for both
+        formulations = json.loads((RESULTS / "paper_formulations.json").read_text())["arms"]
+        base = [a for a in formulations if a["arm"]["formulation"] == "rf/lognorm"]
+        assert [a for a in shipped["arms"] if a["arm"]["backbone"] == "mmdit"] == base
+
+
 def test_compute_curves_frontier_and_power_law():
     def arm(depth, seed, losses, flops_per_step):
         return {"arm": asdict(paper.Arm(depth=depth, seed=seed)), "train_flops_per_step": flops_per_step,

@@ -212,7 +212,8 @@ def experiment_arms(name: str, seeds) -> list[Arm]:
     if name == "backbones":
         # Matched parameters (within 4%): MM-DiT has two weight sets per block, DiT one (so 7 blocks for
         # MM-DiT's 4, and with every token through every weight, 1.8 x the FLOPs), a CrossDiT block about
-        # 0.7 of a joint block (5 blocks). DiT with 4 blocks matches MM-DiT's FLOPs instead (half the weights).
+        # 0.7 of a joint block (5 blocks). DiT with 4 blocks matches MM-DiT's FLOPs instead (half the
+        # weights per block).
         return [Arm(backbone=b, depth=d, seed=s) for s in seeds
                 for b, d in (("mmdit", 4), ("dit", 7), ("dit", 4), ("crossdit", 5))]
     if name == "scaling":
